@@ -1,0 +1,1 @@
+"""attnbench harness: profilers, matrix runner, results store, reports, command line."""

@@ -1,0 +1,69 @@
+"""The ``attnbench`` command line.
+
+Each subcommand lives in its own module, which defines ``register_cli(subparsers)``
+(adding its parser and ``set_defaults(func=...)``); this file only assembles them
+and loads plugins (``--plugin`` on every command) before dispatching.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# module providing each subcommand, in the order --help lists them
+COMMAND_MODULES = [
+    "bench.cmd_list",
+    "bench.cmd_profile",
+    "bench.runner",
+    "bench.report",
+    "bench.train",
+    "bench.robustness",
+    "bench.check_module",
+]
+
+
+def _plugin_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="load attention modules from a Python file or dotted module "
+                             "name before running (repeatable)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _plugin_parent()
+    parser = argparse.ArgumentParser(
+        prog="attnbench", parents=[parent],
+        description="Comparative benchmark suite for attention modules in CNNs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a subcommand not written yet
+            if err.name == name:
+                continue
+            raise
+        mod.register_cli(sub, parent)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from modules.registry import AttnbenchError
+    try:
+        from bench import plugins
+        plugins.load_all(args.plugin)
+        return int(args.func(args) or 0)
+    except AttnbenchError as err:
+        print(f"attnbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Attention modules, their registry and the backbone builder.
+
+Importing this package registers every built-in module. To add one, write a file
+like ``modules/se.py`` (a factory decorated with :func:`register`) and import it
+below -- or, without touching this package, use the plugin interface (README,
+"Add a new module").
+"""
+from .registry import (REGISTRY, AttnbenchError, ModuleSpec, OptionError, RegistrationError,
+                       UnknownNameError, get, list_modules, register)
+from . import se, cbam, eca, fca  # noqa: F401  (registration side effects)
+from .builder import BACKBONES, build_model, resolve_stages
+
+__all__ = ["REGISTRY", "AttnbenchError", "ModuleSpec", "OptionError", "RegistrationError",
+           "UnknownNameError", "get", "list_modules", "register", "build_model",
+           "resolve_stages", "BACKBONES"]
