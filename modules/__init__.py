@@ -7,7 +7,7 @@ below -- or, without touching this package, use the plugin interface (README,
 """
 from .registry import (REGISTRY, AttnbenchError, ModuleSpec, OptionError, RegistrationError,
                        UnknownNameError, get, list_modules, register)
-from . import se, cbam, eca, fca  # noqa: F401  (registration side effects)
+from . import se, cbam, eca, fca, td, aw, tdaf  # noqa: F401  (registration side effects)
 from .builder import BACKBONES, build_model, resolve_stages
 
 __all__ = ["REGISTRY", "AttnbenchError", "ModuleSpec", "OptionError", "RegistrationError",
