@@ -1,1 +1,157 @@
-"""(placeholder: being written)"""
+"""AW-convolution: attention on the weights (Zhu et al., "An Attention Module for
+Convolutional Neural Networks", ICANN 2021 / arXiv 2108.08205; "AW paper").
+
+An :class:`AWConv2d` replaces a 3x3 ``nn.Conv2d`` (ResNet Bottleneck: conv2; the
+builder also replaces both 3x3 convs of a BasicBlock). With input I (N, C1, H, W)
+and the conv's weight K (C2, C1, h, w):
+
+* eq. 7 (F1): ``A2 = Sigmoid(BN(Pointconv2(ReLU(BN(Pointconv1(Avgpool2d(I)))))))`` --
+  adaptive average pool of I to h x w (the kernel size), 1x1 conv C1 -> C1/r
+  (r = ``reduction`` = 16), BN, ReLU, 1x1 conv C1/r -> C2*C1/r_C1, BN, sigmoid.
+* eq. 8 (Expand_C1): with r_C1 = C1 (the paper's setting, r_C2 = r_hw = 1) A2 has
+  C2 maps of h x w, one per output channel, shared by all C1 input channels:
+  A[n, p, o, j, k] = A2[n, p, j, k].
+* eq. 6 (F2): attentional weights ``AK = K + A (.) K``, different for each sample.
+* eq. 5 (F3): ``O = Convolution(I, AK)`` with the conv's stride, padding,
+  dilation (and bias, if the replaced conv had one).
+
+Choices the paper leaves open, and what this implementation does:
+
+* **Bias in Pointconv1/2**: none (``attn_bias=False``). Each pointwise conv is
+  followed by BN, which makes a bias redundant, and only the bias-free version
+  reproduces the paper's Table 1 figure: the branch adds
+  sum(C^2/8 + 2*(C/16 + C)) = 157,184 + 8,024 = 165,208 parameters to ResNet-50,
+  25,557,032 -> 25,722,240 = **25.72 M** (paper: 25.72 M, "+0.16 M"); with biases
+  it would be 25,726,252 = 25.73 M, without the BNs 25,714,216 = 25.71 M.
+* **BN placement**: after each pointwise conv, before its ReLU / sigmoid (the text
+  under eq. 7: "BN and ReLU after Pointconv1, BN and Sigmoid after Pointconv2").
+  BN normalises over N x h x w, so it trains even with batch 1 for 3x3 kernels.
+* **Pooled input**: the input activations I of the AW-conv itself (Fig. 1: A = F1(I)),
+  pooled by ``adaptive_avg_pool2d`` to exactly (h, w); on maps smaller than the
+  kernel the adaptive pool repeats values.
+* **Expand_C1 (eq. 8)** is realised by broadcasting A (N, C2, 1, h, w) against K
+  (C2, C1, h, w) instead of materialising the reshape/unsqueeze/expand; the
+  result is identical.
+* **F2** is computed as ``K * (1 + A)``, algebraically equal to eq. 6's
+  ``K + A (.) K`` but one fewer full-size temporary (only rounding can differ).
+* **Initialisation**: PyTorch defaults (BN weight 1, bias 0), so A starts near 0.5;
+  the paper does not say otherwise.
+* **The batched convolution**: the per-sample weights are applied in one grouped
+  convolution, batch folded into channels -- input (1, N*C1, H, W), weight
+  (N*C2, C1/g, h, w), groups = N*g -- never a loop over samples.
+* **groups > 1** in the replaced conv (not in the paper): supported; A still has
+  one h x w map per output channel, broadcast over that channel's C1/g inputs,
+  and Pointconv1 sees all C1 input channels.
+* **padding_mode** other than ``'zeros'``: the input is padded with ``F.pad`` first,
+  as ``nn.Conv2d`` does.
+
+Torch ops in :meth:`AWConv2d.forward` (for FLOP counters): ``adaptive_avg_pool2d``,
+``conv2d`` (1x1, C1 -> C1/r), ``batch_norm``, ``relu_``, ``conv2d`` (1x1, C1/r -> C2),
+``batch_norm``, ``sigmoid``, ``unsqueeze``, ``add`` (1 + A, N*C2*h*w elements),
+``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
+``repeat`` (bias), then ONE functional ``F.conv2d`` with groups = N*g (per sample
+the FLOPs of the original conv), and a final ``view``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import check_4d, reduced
+from .registry import OptionError, register
+
+
+def _label(opts: Mapping[str, Any]) -> str:
+    changed = []
+    if opts.get("reduction", 16) != 16:
+        changed.append(f"reduction={opts['reduction']}")
+    if opts.get("attn_bias", False):
+        changed.append("attn_bias=True")
+    return "AW" + (f"({','.join(changed)})" if changed else "")
+
+
+@register("aw", "conv", defaults={"reduction": 16, "attn_bias": False},
+          stages=(1, 2, 3, 4), label=_label,
+          paper="Zhu et al., An Attention Module for Convolutional Neural Networks "
+                "(AW-convolution), ICANN 2021 (eq. 5-8)")
+class AWConv2d(nn.Module):
+    """AW-convolution: the conv weight K is rescaled per sample, AK = K + A (.) K."""
+
+    def __init__(self, conv: nn.Conv2d, reduction: int = 16, attn_bias: bool = False):
+        super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise OptionError(f"aw: expected the nn.Conv2d to replace, got {type(conv).__name__}")
+        c2, c1g, h, w = conv.weight.shape
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        # keep the very same parameters (state-dict keys stay ``...conv2.weight``)
+        self.weight = conv.weight
+        self.bias: Optional[nn.Parameter]
+        if conv.bias is not None:
+            self.bias = conv.bias
+        else:
+            self.register_parameter("bias", None)
+        c1 = self.in_channels
+        hidden = reduced(c1, reduction, "aw")
+        self.reduction = reduction
+        # F1 (eq. 7): r_C1 = C1, so Pointconv2 outputs C2 * C1 / r_C1 = C2 maps of h x w
+        self.branch = nn.Sequential(
+            nn.AdaptiveAvgPool2d((h, w)),
+            nn.Conv2d(c1, hidden, 1, bias=attn_bias),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, c2, 1, bias=attn_bias),
+            nn.BatchNorm2d(c2),
+            nn.Sigmoid(),
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, "
+                f"reduction={self.reduction}")
+
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """A of eq. 7-8 in broadcastable form: (N, C2, 1, h, w) (the 1 expands over C1)."""
+        return self.branch(x).unsqueeze(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_4d(x, "aw")
+        n, c, hin, win = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"aw: expected {self.in_channels} input channels, got {c} "
+                             f"in shape {tuple(x.shape)}")
+        if n == 0:  # a grouped conv cannot have groups=0; the plain conv gives the shape
+            return self._plain(x)
+        a = self.attention_maps(x)  # from the unpadded input I (Fig. 1b)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        # F2 (eq. 6): AK = K + A (.) K = K * (1 + A), shape (N, C2, C1/g, h, w)
+        ak = self.weight * (1 + a)
+        ak = ak.reshape(n * self.out_channels, *self.weight.shape[1:])
+        bias = self.bias.repeat(n) if self.bias is not None else None
+        # F3 (eq. 5): the whole batch in one grouped convolution
+        out = F.conv2d(x.reshape(1, n * c, x.shape[2], x.shape[3]), ak, bias, self.stride,
+                       padding, self.dilation, n * self.groups)
+        return out.view(n, self.out_channels, out.shape[2], out.shape[3])
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The replaced convolution with K itself (used for empty batches)."""
+        if self.padding_mode != "zeros":
+            return F.conv2d(F.pad(x, self._reversed_padding_repeated_twice,
+                                  mode=self.padding_mode),
+                            self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
