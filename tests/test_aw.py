@@ -1,0 +1,269 @@
+"""AW-convolution (modules/aw.py): exactness against a per-sample reference, the
+zero-attention limit, gradients, shapes, parameter budgets against the AW paper."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modules
+from modules import OptionError, build_model
+from modules.aw import AWConv2d
+
+R50_PLAIN = 25_557_032          # REFERENCE.md
+R50_SE = 28_071_976             # REFERENCE.md (bias-free SE)
+R50_AW = 25_722_240             # ours; paper Table 1: 25.72 M
+R50_AW_SE = 28_237_184          # ours; paper Table 1: 28.25 M
+R101_AW = 44_862_880            # ours; paper Table 1: 44.95 M (see test below)
+
+
+def nparams(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_aw(c1=16, c2=24, stride=1, groups=1, bias=False, dilation=1, padding_mode="zeros",
+            reduction=4, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c1, c2, 3, stride=stride, padding=dilation, dilation=dilation,
+                     groups=groups, bias=bias, padding_mode=padding_mode)
+    m = AWConv2d(conv, reduction=reduction).double()
+    # non-trivial BN statistics and affine parameters
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def reference_attention(m, x1):
+    """Eq. 7-8 for ONE sample, literally (eval-mode BN): A of shape (1, C2, C1/g, h, w)."""
+    pool, conv1, bn1, _, conv2, bn2, _ = m.branch
+    c2, c1g, h, w = m.weight.shape
+    a0 = F.adaptive_avg_pool2d(x1, (h, w))
+    a1 = F.relu(F.batch_norm(F.conv2d(a0, conv1.weight), bn1.running_mean, bn1.running_var,
+                             bn1.weight, bn1.bias, False, 0.0, bn1.eps))
+    a2 = torch.sigmoid(F.batch_norm(F.conv2d(a1, conv2.weight), bn2.running_mean,
+                                    bn2.running_var, bn2.weight, bn2.bias, False, 0.0, bn2.eps))
+    r = c1g  # r_C1 = C1 (per group: the C1/g inputs each output channel sees)
+    return (a2.reshape(1, c2, c1g // r, h, w).unsqueeze(3)
+            .expand(1, c2, c1g // r, r, h, w).reshape(1, c2, c1g, h, w))
+
+
+def loop_forward(m, x, attention):
+    """Eq. 5-6 one sample at a time: O[l] = conv(I[l], K + A[l] (.) K)."""
+    outs = []
+    k = m.weight
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1]
+        if m.padding_mode != "zeros":
+            xi = F.pad(xi, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            pad = 0
+        else:
+            pad = m.padding
+        ak = k + attention[i] * k
+        outs.append(F.conv2d(xi, ak, m.bias, m.stride, pad, m.dilation, m.groups))
+    return torch.cat(outs)
+
+
+def test_registered():
+    spec = modules.get("aw")
+    assert spec.kind == "conv"
+    assert spec.defaults == {"reduction": 16, "attn_bias": False}
+    assert spec.stages == (1, 2, 3, 4)
+    assert spec.display() == "AW"
+    assert spec.display({"reduction": 8}) == "AW(reduction=8)"
+    assert spec.factory is AWConv2d
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_matches_per_sample_reference_eval(batch, stride):
+    m = make_aw(stride=stride).eval()
+    x = torch.randn(batch, 16, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        att = torch.cat([reference_attention(m, x[i:i + 1]) for i in range(batch)])
+        ref = loop_forward(m, x, att)
+        out = m(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    # the attention really varies per sample and is not trivially zero
+    assert att.abs().min() > 1e-3
+    if batch > 1:
+        assert (att[0] - att[1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(stride=1), dict(stride=2), dict(stride=2, bias=True), dict(groups=2, stride=2),
+    dict(groups=4, bias=True), dict(dilation=2), dict(padding_mode="reflect", stride=2),
+])
+def test_matches_per_sample_loop_train(cfg):
+    """Train mode (BN batch statistics couple the samples' A, so A comes from the module)."""
+    m = make_aw(**cfg).train()
+    x = torch.randn(3, 16, 10, 7, dtype=torch.float64)
+    with torch.no_grad():
+        att = m.attention_maps(x)
+        assert att.shape == (3, 24, 1, 3, 3)
+        ref = loop_forward(m, x, att.expand(-1, -1, m.weight.shape[1], -1, -1))
+        out = m(x)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, bias=True), dict(groups=2)])
+def test_zero_attention_gives_plain_conv(cfg, monkeypatch):
+    m = make_aw(**cfg).eval()
+    x = torch.randn(3, 16, 8, 9, dtype=torch.float64)
+    plain = F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    # (a) the attention branch replaced by zeros
+    monkeypatch.setattr(m, "attention_maps",
+                        lambda inp: torch.zeros(inp.shape[0], 24, 1, 3, 3, dtype=inp.dtype))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain, atol=1e-10, rtol=0)
+    monkeypatch.undo()
+    # (b) the real branch driven to sigmoid(-1e4) == 0 through its last BN
+    with torch.no_grad():
+        m.branch[5].weight.zero_()
+        m.branch[5].bias.fill_(-1e4)
+        torch.testing.assert_close(m(x), plain, atol=1e-10, rtol=0)
+        # and A = 1 doubles the weights: conv(I, 2K)
+        m.branch[5].bias.fill_(1e4)
+        torch.testing.assert_close(
+            m(x), F.conv2d(x, 2 * m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups),
+            atol=1e-10, rtol=0)
+
+
+def test_one_grouped_conv_per_batch(monkeypatch):
+    """The whole batch goes through ONE grouped F.conv2d (groups = N*g), no per-sample loop."""
+    calls = []
+    real = torch.nn.functional.conv2d
+
+    def spy(inp, weight, *args, **kwargs):
+        groups = kwargs.get("groups", args[4] if len(args) > 4 else 1)
+        calls.append((tuple(inp.shape), tuple(weight.shape), groups))
+        return real(inp, weight, *args, **kwargs)
+
+    m = make_aw(groups=2, stride=2)
+    x = torch.randn(5, 16, 9, 9, dtype=torch.float64)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    m(x)
+    big = [c for c in calls if c[1][2:] == (3, 3)]
+    assert big == [((1, 5 * 16, 9, 9), (5 * 24, 8, 3, 3), 5 * 2)]
+    assert len(calls) == 3  # + the two pointwise convs of the branch
+
+
+def test_gradients_reach_every_parameter():
+    m = make_aw(stride=2, bias=True).train()
+    x = torch.randn(2, 16, 7, 7, dtype=torch.float64, requires_grad=True)
+    m(x).pow(2).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_gradients_in_aw_resnet18():
+    torch.manual_seed(0)
+    model = build_model("resnet18", "aw", num_classes=10).train()
+    model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    n_aw = sum(isinstance(mod, AWConv2d) for mod in model.modules())
+    assert n_aw == 16  # BasicBlock: conv1 and conv2 of all 8 blocks
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 13), (7, 9), (15, 4)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shapes_at_odd_sizes(size, stride):
+    m = make_aw(stride=stride, bias=True).train()
+    conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1).double()
+    x = torch.randn(2, 16, *size, dtype=torch.float64)
+    out = m(x)
+    assert out.shape == conv(x).shape
+    assert torch.isfinite(out).all()
+    m.eval()
+    assert m(x[:1]).shape == conv(x[:1]).shape
+
+
+def test_empty_batch():
+    m = make_aw(stride=2)
+    assert m(torch.randn(0, 16, 9, 9, dtype=torch.float64)).shape == (0, 24, 5, 5)
+
+
+def test_keeps_the_conv_parameters():
+    conv = nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=True)
+    m = AWConv2d(conv)
+    assert m.weight is conv.weight and m.bias is conv.bias
+    assert (m.stride, m.padding, m.dilation, m.groups) == ((2, 2), (1, 1), (1, 1), 1)
+    # the branch: pool to 3x3, 1x1 32->2 (no bias), BN, ReLU, 1x1 2->32 (no bias), BN, sigmoid
+    assert m.branch[0].output_size == (3, 3)
+    assert m.branch[1].weight.shape == (2, 32, 1, 1) and m.branch[1].bias is None
+    assert m.branch[4].weight.shape == (32, 2, 1, 1) and m.branch[4].bias is None
+    biased = AWConv2d(nn.Conv2d(32, 32, 3, padding=1), attn_bias=True)
+    assert biased.branch[1].bias is not None and biased.branch[4].bias is not None
+
+
+def test_state_dict_keeps_torchvision_keys():
+    """Plain ResNet weights load into AW-ResNet; only the attention branches are new."""
+    plain = build_model("resnet18", None, num_classes=10)
+    aw = build_model("resnet18", "aw", num_classes=10)
+    res = aw.load_state_dict(plain.state_dict(), strict=False)
+    assert res.unexpected_keys == []
+    assert res.missing_keys and all(".branch." in k for k in res.missing_keys)
+
+
+def test_bad_options_and_inputs():
+    with pytest.raises(OptionError, match="reduction"):
+        AWConv2d(nn.Conv2d(8, 8, 3, padding=1), reduction=16)
+    with pytest.raises(OptionError):
+        AWConv2d(nn.Linear(8, 8))
+    with pytest.raises(OptionError, match="reduction"):
+        build_model("resnet18", "aw", reduction="16")
+    m = AWConv2d(nn.Conv2d(16, 16, 3, padding=1), reduction=4)
+    with pytest.raises(ValueError, match="input channels"):
+        m(torch.randn(1, 8, 5, 5))
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(16, 5, 5))
+
+
+def test_param_count_aw_resnet50():
+    model = build_model("resnet50", "aw")
+    n = nparams(model)
+    assert n == R50_AW
+    assert abs(n - 25.72e6) / 25.72e6 < 0.005
+    # the branch per bottleneck: C^2/8 (two bias-free pointwise convs, C -> C/16 -> C)
+    # + BN(C/16) + BN(C); widths 64/128/256/512, blocks 3/4/6/3
+    per_block = {c: c * c // 8 + 2 * (c // 16 + c) for c in (64, 128, 256, 512)}
+    expected = sum(k * per_block[c] for k, c in zip((3, 4, 6, 3), (64, 128, 256, 512)))
+    assert expected == 165_208 == n - R50_PLAIN
+    assert round(n / 1e6, 2) == 25.72  # paper Table 1; "+0.16 M" (Table 1 25.72 - 25.56)
+    # with biases in the pointwise convs it would round to 25.73 M
+    assert round(nparams(build_model("resnet50", "aw", attn_bias=True)) / 1e6, 2) == 25.73
+
+
+def test_param_count_aw_se_resnet50():
+    model = build_model("resnet50", "aw", gate="se")
+    assert model.attnbench_label == "AW-SE"
+    n = nparams(model)
+    assert n == R50_AW_SE == R50_SE + (R50_AW - R50_PLAIN)
+    assert abs(n - 28.25e6) / 28.25e6 < 0.005
+
+
+def test_param_count_aw_resnet101():
+    # paper Table 1 says 44.95 M (+0.40 M); the same branch on ResNet-101 adds 0.31 M.
+    # The paper's ResNet-101 rows are also off elsewhere (SE-ResNet101 49.33 M vs 49.29 M).
+    n = nparams(build_model("resnet101", "aw"))
+    assert n == R101_AW
+    assert n - 44_549_160 == 313_720
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_aw_resnet50_forward(mode):
+    torch.manual_seed(0)
+    model = build_model("resnet50", "aw")
+    model.train(mode == "train")
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000)
+    assert torch.isfinite(out).all()
