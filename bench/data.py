@@ -1,0 +1,271 @@
+"""Offline, procedurally drawn image-classification data (``attnbench make-data``).
+
+No downloads: every image is drawn with numpy at ``oversample`` times the output
+size and downsampled with PIL (box filter, i.e. area averaging, like a camera), then
+written as PNG in torchvision's ImageFolder layout::
+
+    OUT/train/<class>/<class>_00000.png ...
+    OUT/val/<class>/<class>_00000.png ...
+    OUT/classes.json            (class names, the parameters and the seed)
+
+A class is a combination of a **shape** (circle, square, triangle, diamond, hexagon,
+star) and a **fine detail** painted inside it (3 stripes, 7 stripes, a 4x4 grid of
+dots). The detail is what makes the test resolution matter: 7 stripe periods across
+an object of 44..72 % of the image need at least 2 * 7 / 0.44 = 32 pixels to be
+resolved at all (several times that to be seen clearly), so at low resolution they
+blur into a flat fill, while the shape survives. Nuisances
+vary per image: position, scale, rotation (the detail rotates with the shape),
+foreground/detail/background colours, a low-frequency background gradient, blobs
+and pixel noise.
+
+Classes, in order, for ``K`` classes: the detail kinds used are ``1`` if ``K <= 3``
+else ``2`` if ``K <= 12`` else ``3``; the shapes used are ``ceil(K / details)``;
+classes enumerate shape-major (``circle-stripes3, circle-stripes7, square-...``) and
+the first ``K`` are kept. So ``K = 3`` is a shape-only task (easy), ``K = 10`` is
+5 shapes x 2 stripe frequencies, ``K = 18`` is 6 shapes x 3 details.
+
+``--train N`` / ``--val M`` are images **per class**. The same arguments and seed
+give byte-identical files (each image has its own generator seeded by
+``(seed, split, class, index)``); PNG encoding carries no timestamp.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from modules.registry import AttnbenchError
+
+SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
+DETAILS = ("stripes3", "stripes7", "dots4")
+SPLITS = {"train": 0, "val": 1}
+MAX_CLASSES = len(SHAPES) * len(DETAILS)
+
+
+class DataError(AttnbenchError, ValueError):
+    """Bad arguments for the dataset generator, or a folder that is not a dataset."""
+
+
+def class_names(num_classes: int) -> List[str]:
+    """The ``num_classes`` class names (``<shape>-<detail>``), in label order."""
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
+        raise DataError(f"make-data: --classes must be between 2 and {MAX_CLASSES} "
+                        f"({len(SHAPES)} shapes x {len(DETAILS)} details), got {num_classes!r}")
+    n_det = 1 if num_classes <= 3 else 2 if num_classes <= 12 else 3
+    n_shapes = math.ceil(num_classes / n_det)
+    names = [f"{s}-{d}" for s in SHAPES[:n_shapes] for d in DETAILS[:n_det]]
+    return names[:num_classes]
+
+
+# --------------------------------------------------------------------------- drawing
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test in the object's frame (object radius 1)."""
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.78
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    r = np.hypot(u, v)
+    a = np.arctan2(v, u)
+    if shape == "triangle":   # regular polygon with n sides: r*cos(wrapped angle) <= apothem
+        n, apothem = 3, 0.55
+    elif shape == "hexagon":
+        n, apothem = 6, 0.85
+    elif shape == "star":
+        n = 5
+        sector = 2 * math.pi / n
+        t = np.abs(((a + math.pi / 2) % sector) - sector / 2) / (sector / 2)  # 0 at tip
+        return r <= 0.42 + 0.58 * (1 - t) ** 1.6
+    else:  # pragma: no cover - guarded by class_names
+        raise DataError(f"unknown shape {shape!r}")
+    sector = 2 * math.pi / n
+    wrapped = ((a + math.pi / 2) % sector) - sector / 2
+    return r * np.cos(wrapped) <= apothem
+
+
+def _detail_mask(detail: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    if detail.startswith("stripes"):
+        n = int(detail[len("stripes"):])
+        return np.sin(math.pi * n * u) > 0  # n periods (n detail stripes) across [-1, 1]
+    if detail.startswith("dots"):
+        n = int(detail[len("dots"):])
+        cu = (u + 1) / 2 * n
+        cv = (v + 1) / 2 * n
+        du = cu - np.floor(cu) - 0.5
+        dv = cv - np.floor(cv) - 0.5
+        return du * du + dv * dv <= 0.28 ** 2
+    raise DataError(f"unknown detail {detail!r}")  # pragma: no cover
+
+
+def _colour(rng: np.random.Generator, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    return rng.uniform(lo, hi, size=3)
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [0, 1] of an n x n grid (ys, xs), float32."""
+    c = (np.arange(n, dtype=np.float32) + 0.5) / n
+    return c[:, None], c[None, :]
+
+
+def _area(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Box downsampling of a boolean mask: the covered fraction of each output pixel."""
+    h, w = mask.shape[0] // factor, mask.shape[1] // factor
+    return mask.reshape(h, factor, w, factor).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _span(centre: float, radius: float, size: int) -> Tuple[int, int]:
+    """Output-pixel range [lo, hi) covering centre +- 1.15 radius (shapes reach 1.1 r)."""
+    lo = max(int(math.floor((centre - 1.15 * radius) * size)), 0)
+    hi = min(int(math.ceil((centre + 1.15 * radius) * size)), size)
+    return lo, hi
+
+
+def draw_image(name: str, rng: np.random.Generator, size: int,
+               oversample: int = 4) -> Image.Image:
+    """One RGB image of class ``name`` (``<shape>-<detail>``), ``size`` x ``size``.
+
+    The background is smooth and drawn at ``size``; the object (shape and detail) is
+    drawn at ``size * oversample`` and area-averaged to ``size``, i.e. each output pixel
+    mixes fill, detail and background colours by the fraction of it they cover.
+    """
+    shape, detail = name.split("-", 1)
+    ys, xs = _grid(size)
+    # background: two colours blended along a random direction, plus soft blobs
+    c0, c1 = _colour(rng), _colour(rng)
+    ang = rng.uniform(0, 2 * math.pi)
+    g = np.clip((xs - 0.5) * math.cos(ang) + (ys - 0.5) * math.sin(ang) + 0.5, 0, 1)[..., None]
+    img = c0 * (1 - g) + c1 * g
+    for _ in range(int(rng.integers(2, 6))):
+        bx, by = rng.uniform(0, 1, 2)
+        br = rng.uniform(0.05, 0.2)
+        w = np.exp(-((xs - bx) ** 2 + (ys - by) ** 2) / (2 * br * br))[..., None]
+        img = img * (1 - 0.5 * w) + 0.5 * w * _colour(rng)
+    # the object: radius 0.22..0.36 of the image, centre kept inside
+    radius = rng.uniform(0.22, 0.36)
+    cx, cy = rng.uniform(radius, 1 - radius, 2)
+    rot = rng.uniform(0, 2 * math.pi)
+    # only the output pixels of the object's bounding box are drawn at high resolution
+    lo_x, hi_x = _span(cx, radius, size)
+    lo_y, hi_y = _span(cy, radius, size)
+    big = size * oversample
+    gy, gx = _grid(big)
+    gx = gx[:, lo_x * oversample:hi_x * oversample]
+    gy = gy[lo_y * oversample:hi_y * oversample, :]
+    dx, dy = (gx - cx) / radius, (gy - cy) / radius
+    cos, sin = np.float32(math.cos(rot)), np.float32(math.sin(rot))
+    u = dx * cos + dy * sin
+    v = dy * cos - dx * sin
+    inside = _shape_mask(shape, u, v)
+    a_in = np.zeros((size, size, 1), np.float32)
+    a_det = np.zeros((size, size, 1), np.float32)
+    a_in[lo_y:hi_y, lo_x:hi_x, 0] = _area(inside, oversample)
+    a_det[lo_y:hi_y, lo_x:hi_x, 0] = _area(inside & _detail_mask(detail, u, v), oversample)
+    fg = _colour(rng)
+    # the detail contrasts with the fill: shift every channel by 0.45..0.6
+    delta = rng.uniform(0.45, 0.6) * np.where(fg > 0.5, -1.0, 1.0)
+    det = np.clip(fg + delta, 0, 1)
+    img = img * (1 - a_in) + fg * (a_in - a_det) + det * a_det
+    img = img * 255 + rng.normal(0, rng.uniform(2, 10), size=img.shape)
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: int = 30,
+                 size: int = 96, seed: int = 0, oversample: int = 4,
+                 progress: bool = False) -> Dict[str, object]:
+    """Write the dataset to ``out`` (ImageFolder layout; see module docstring).
+
+    ``train`` / ``val``: images per class. Returns the description written to
+    ``out/classes.json``. An existing dataset with the same description is reused
+    (nothing is redrawn); a different one in the same folder is an error.
+    """
+    for key, value, lo in (("train", train, 1), ("val", val, 1), ("size", size, 8),
+                           ("oversample", oversample, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise DataError(f"make-data: --{key} must be an integer >= {lo}, got {value!r}")
+    names = class_names(classes)
+    out = Path(out)
+    meta = {"generator": "attnbench.synthetic-shapes-v1", "classes": names, "train": train,
+            "val": val, "size": size, "seed": seed, "oversample": oversample}
+    meta_path = out / "classes.json"
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old == meta and _complete(out, names, train, val):
+            return meta
+        if old is not None and old != meta:
+            raise DataError(f"{out}: holds another generated dataset ({meta_path} differs: "
+                            f"{_diff(old, meta)}); choose another folder or delete it")
+    jobs: List[Tuple[str, int, str, int]] = []
+    for split, per_class in (("train", train), ("val", val)):
+        for label, name in enumerate(names):
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+            jobs.extend((split, label, name, i) for i in range(per_class))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="make-data", unit="img", leave=False)
+    for split, label, name, i in jobs:
+        rng = np.random.default_rng([seed, SPLITS[split], label, i])
+        path = out / split / name / f"{name}_{i:05d}.png"
+        draw_image(name, rng, size, oversample).save(path, format="PNG", optimize=False)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _complete(out: Path, names: Sequence[str], train: int, val: int) -> bool:
+    for split, n in (("train", train), ("val", val)):
+        for name in names:
+            if len(list((out / split / name).glob("*.png"))) != n:
+                return False
+    return True
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}"
+                     for k in keys if old.get(k) != new.get(k)) or "?"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def register_cli(sub, parent) -> None:
+    p = sub.add_parser(
+        "make-data", parents=[parent], help="write an offline synthetic ImageFolder dataset",
+        description="Draw a deterministic image-classification dataset (classes = shape x "
+                    "fine detail: stripe count / dot grid; nuisances: position, scale, "
+                    "rotation, colours, background) in ImageFolder layout "
+                    "OUT/{train,val}/<class>/*.png. No downloads.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--classes", type=int, default=10,
+                   help=f"number of classes, 2..{MAX_CLASSES} (default 10)")
+    p.add_argument("--train", type=int, default=100, help="training images per class")
+    p.add_argument("--val", type=int, default=30, help="validation images per class")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oversample", type=int, default=4,
+                   help="draw at this multiple of --size, then area-downsample (default 4)")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    meta = make_dataset(args.out, args.classes, args.train, args.val, args.size, args.seed,
+                        args.oversample, progress=True)
+    n = len(meta["classes"])
+    print(f"{args.out}: {n} classes x ({args.train} train + {args.val} val) images of "
+          f"{args.size}x{args.size} px, seed {args.seed}")
+    print("classes: " + ", ".join(meta["classes"]))
+    return 0
