@@ -1,0 +1,652 @@
+"""Tables of ``attnbench report``: tidy result rows in, Markdown / LaTeX tables out.
+
+Every table holds the figures of ONE group -- one run on one device (see
+:func:`bench.report.groups`) -- so figures from different devices or runs never share a
+table. Inside a group the tables are modelled on the TDAM paper:
+
+* cost table (Table 1): method, backbone, params (M), FLOPs (G; one column per counter,
+  fvcore first), peak memory train/eval (MiB), throughput train/eval (img/s) and the
+  interleaved speed ratio when measured, at one resolution and batch;
+* overhead table: the same figures relative to the plain backbone (module ``none``) of
+  the same run, backbone, device, resolution and batch, as ``+x.xx % (y.yyy×)``;
+* resolution tables: FLOPs, latency and peak memory at 168², 224², 448²;
+* accuracy tables (Table 2): Best (and where), 224², 168², 448².
+
+Cells: a number formatted with a fixed number of decimals; ``–`` plus a footnote with the
+reason when the measurement failed; ``n/a`` when nothing was measured. Everything is
+sorted, so the same rows always give the same bytes.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from tabulate import tabulate
+
+DASH = "–"          # a failed measurement (en dash)
+MISSING = "n/a"     # not measured
+REF = "ref."        # the reference row of an overhead table
+STANDARD_RES = (168, 224, 448)   # the TDAM paper's Table 2 columns (besides Best)
+REFERENCE_RES = 224
+
+TIMING_METRICS = ("latency", "throughput", "peak_memory", "speed_ratio")
+
+# decimals per kind of figure (fixed: stable bytes)
+DECIMALS = {"params": 3, "flops": 3, "peak_memory": 1, "throughput": 1, "latency": 2,
+            "speed_ratio": 3, "top1": 2, "top5": 2, "ratio": 3, "pct": 2, "growth": 2}
+
+
+# --------------------------------------------------------------------------- rows
+
+Variant = Tuple[str, str, str, str]   # (module, label, options, stages)
+
+
+def variant_of(row: Dict[str, Any]) -> Variant:
+    return (row["module"], row["label"], row["options"], row["stages"])
+
+
+def variant_sort_key(v: Variant):
+    """The plain backbone first, then by label (case-insensitive), options, stages."""
+    module, label, options, stages = v
+    return (module != "none", label.casefold(), label, module, options, stages)
+
+
+def counter_of(method: str) -> str:
+    """The FLOP counter (and backend) a ``flops`` row was counted with: the method's
+    first word (``fvcore``, ``ptflops-pytorch``, ...)."""
+    return (method or "unknown").split(" ")[0].split("(")[0] or "unknown"
+
+
+def counter_sort_key(counter: str):
+    return (not counter.startswith("fvcore"), counter)
+
+
+def res_text(res: Optional[int]) -> str:
+    return "?" if res is None else f"{res}²"
+
+
+@dataclass
+class Measure:
+    """The measurement chosen for one table cell."""
+
+    status: str                      # "ok", "failed" or "missing"
+    value: Optional[float] = None
+    error: str = ""
+    row: Optional[Dict[str, Any]] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.value is not None and math.isfinite(self.value)
+
+
+def choose(rows: Sequence[Dict[str, Any]]) -> Measure:
+    """One measurement from rows of the same quantity: the last ``ok`` row in file order
+    (a resumed run may have re-measured a failed cell), else the last failed one."""
+    if not rows:
+        return Measure("missing")
+    ok = [r for r in rows if r["status"] == "ok" and r["value"] is not None]
+    if ok:
+        r = max(ok, key=lambda r: r["_order"])
+        return Measure("ok", float(r["value"]), "", r)
+    r = max(rows, key=lambda r: r["_order"])
+    return Measure("failed", None, r.get("error") or "failed (no reason recorded)", r)
+
+
+class Index:
+    """The rows of one group, looked up by what a table cell needs."""
+
+    def __init__(self, records: Iterable[Dict[str, Any]]):
+        self.records = list(records)
+        self._by: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
+        for r in self.records:
+            self._by[(r["backbone"], variant_of(r), r["metric"])].append(r)
+
+    def rows(self, backbone: str, variant: Variant, metric: str) -> List[Dict[str, Any]]:
+        return self._by.get((backbone, variant, metric), [])
+
+    def get(self, backbone: str, variant: Variant, metric: str, *, mode: Optional[str] = None,
+            resolution: Optional[int] = None, batch: Optional[int] = None,
+            counter: Optional[str] = None, train_resolution: Optional[int] = None,
+            dataset: Optional[str] = None, any_resolution: bool = False) -> Measure:
+        """The measurement for one cell. ``mode``/``resolution``/``batch``/``counter``/
+        ``train_resolution``/``dataset`` given: rows must match. ``batch=None``: the
+        smallest batch measured (params and FLOPs are counted per image).
+        ``any_resolution``: fall back to any resolution (parameter counts)."""
+        cand = self.rows(backbone, variant, metric)
+        if mode is not None:
+            cand = [r for r in cand if r["mode"] == mode]
+        if counter is not None:
+            cand = [r for r in cand if counter_of(r["method"]) == counter]
+        if train_resolution is not None:
+            cand = [r for r in cand if r.get("train_resolution") == train_resolution]
+        if dataset is not None:
+            cand = [r for r in cand if (r.get("dataset") or "") == dataset]
+        if resolution is not None:
+            exact = [r for r in cand if r["resolution"] == resolution]
+            cand = exact if (exact or not any_resolution) else cand
+        if batch is not None:
+            cand = [r for r in cand if r["batch"] == batch]
+        elif cand:
+            batches = sorted({r["batch"] for r in cand}, key=lambda b: (b is None, b or 0))
+            cand = [r for r in cand if r["batch"] == batches[0]]
+        if any_resolution and resolution is None and cand:
+            res = sorted({r["resolution"] for r in cand}, key=lambda x: (x is None, x or 0))
+            cand = [r for r in cand if r["resolution"] == res[0]]
+        return choose(cand)
+
+    # what was measured -----------------------------------------------------------
+    def backbones(self) -> List[str]:
+        return sorted({r["backbone"] for r in self.records})
+
+    def variants(self, backbone: str, metrics: Optional[Iterable[str]] = None) -> List[Variant]:
+        metrics = set(metrics) if metrics is not None else None
+        found = {variant_of(r) for r in self.records if r["backbone"] == backbone
+                 and (metrics is None or r["metric"] in metrics)}
+        return sorted(found, key=variant_sort_key)
+
+    def values(self, column: str, backbone: Optional[str] = None,
+               metrics: Optional[Iterable[str]] = None, **match) -> List[Any]:
+        metrics = set(metrics) if metrics is not None else None
+        out = set()
+        for r in self.records:
+            if backbone is not None and r["backbone"] != backbone:
+                continue
+            if metrics is not None and r["metric"] not in metrics:
+                continue
+            if any(r.get(k) != v for k, v in match.items()):
+                continue
+            out.add(r.get(column))
+        return sorted(out, key=lambda x: (x is None, x if x is not None else 0))
+
+    def counters(self, backbone: Optional[str] = None) -> List[str]:
+        found = {counter_of(r["method"]) for r in self.records
+                 if r["metric"] == "flops" and (backbone is None or r["backbone"] == backbone)}
+        return sorted(found, key=counter_sort_key)
+
+    def flop_methods(self) -> List[str]:
+        return sorted({r["method"] for r in self.records if r["metric"] == "flops"},
+                      key=lambda m: (counter_sort_key(counter_of(m)), m))
+
+
+def display_labels(variants: Sequence[Variant]) -> Dict[Variant, str]:
+    """The variant label; disambiguated (stages, then options) where two variants share it."""
+    by_label: Dict[str, List[Variant]] = defaultdict(list)
+    for v in variants:
+        by_label[v[1]].append(v)
+    out = {}
+    for label, vs in by_label.items():
+        for v in vs:
+            text = label
+            if len(vs) > 1:
+                if len({x[3] for x in vs}) == len(vs):
+                    text += f" [stages {v[3] or 'default'}]"
+                else:
+                    text += f" [{v[0]} {v[2]}" + (f", stages {v[3]}" if v[3] else "") + "]"
+            out[v] = text
+    return out
+
+
+# --------------------------------------------------------------------------- cells and tables
+
+@dataclass
+class Cell:
+    text: str
+    notes: Tuple[int, ...] = ()
+
+    def markdown(self) -> str:
+        return self.text.replace("|", "\\|") + "".join(f"[^{n}]" for n in self.notes)
+
+    def latex(self) -> str:
+        text = latex_escape(self.text)
+        if self.notes:
+            text += "\\textsuperscript{" + ",".join(str(n) for n in self.notes) + "}"
+        return text
+
+
+def latex_escape(text: str) -> str:
+    rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+           "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+           "^": r"\textasciicircum{}", DASH: "--", "²": r"$^2$", "×": r"$\times$",
+           "±": r"$\pm$"}
+    return "".join(rep.get(ch, ch) for ch in text)
+
+
+class Notes:
+    """Footnotes of one report file: numbered in order of first use, one number per
+    distinct text within a table (numbers are unique across the file)."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def start_table(self) -> "TableNotes":
+        return TableNotes(self)
+
+
+class TableNotes:
+    def __init__(self, notes: Notes) -> None:
+        self._notes = notes
+        self.items: List[Tuple[int, str]] = []
+        self._by_text: Dict[str, int] = {}
+
+    def add(self, text: str) -> int:
+        if text not in self._by_text:
+            n = self._notes.next
+            self._notes.next += 1
+            self._by_text[text] = n
+            self.items.append((n, text))
+        return self._by_text[text]
+
+
+@dataclass
+class Table:
+    key: str                 # anchor and file stem, e.g. "cost-resnet50-r224-b8"
+    title: str
+    headers: List[str]
+    rows: List[List[Cell]]
+    align: List[str]
+    intro: List[str] = field(default_factory=list)      # sentences above the table
+    notes: List[Tuple[int, str]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        body = tabulate([[c.markdown() for c in row] for row in self.rows],
+                        headers=self.headers, tablefmt="pipe", disable_numparse=True,
+                        colalign=self.align)
+        parts = [f'<a id="{self.key}"></a>', "", f"### {self.title}", ""]
+        if self.intro:
+            parts += [" ".join(self.intro), ""]
+        parts.append(body)
+        if self.notes:
+            parts.append("")
+            parts += [f"[^{n}]: {text}" for n, text in self.notes]
+        return "\n".join(parts) + "\n"
+
+    def latex(self, header: str) -> str:
+        body = tabulate([[c.latex() for c in row] for row in self.rows],
+                        headers=[latex_escape(h) for h in self.headers], tablefmt="latex_raw",
+                        disable_numparse=True, colalign=self.align)
+        body = body.replace("\\hline", "\\midrule", 2).replace("\\midrule", "\\toprule", 1)
+        body = body.replace("\\hline", "\\bottomrule")
+        lines = [f"% {header}", "% needs \\usepackage{booktabs}", "\\begin{table}[t]",
+                 "\\centering", f"\\caption{{{latex_escape(self.title)}}}",
+                 f"\\label{{tab:{self.key}}}", "\\small", body]
+        if self.intro or self.notes:
+            lines.append("\\par\\footnotesize")
+            lines += [latex_escape(" ".join(self.intro))] if self.intro else []
+            lines += [f"\\textsuperscript{{{n}}}{latex_escape(t)}" for n, t in self.notes]
+        lines.append("\\end{table}")
+        return "\n".join(lines) + "\n"
+
+
+def fmt(value: float, kind: str, sign: bool = False) -> str:
+    """``value`` with the fixed decimals of ``kind`` (no negative zero)."""
+    d = DECIMALS[kind]
+    v = round(value, d)
+    if v == 0:
+        v = 0.0
+    return f"{v:+.{d}f}" if sign else f"{v:.{d}f}"
+
+
+def failure_text(label: str, m: Measure) -> str:
+    r = m.row or {}
+    where = []
+    if r.get("mode"):
+        where.append(r["mode"])
+    if r.get("resolution") is not None:
+        where.append(f"at {r['resolution']}²")
+    if r.get("batch") is not None:
+        where.append(f"batch {r['batch']}")
+    return f"{label} ({', '.join(where)}) failed: {m.error}" if where else \
+        f"{label} failed: {m.error}"
+
+
+def value_cell(m: Measure, kind: str, label: str, notes: TableNotes, scale: float = 1.0,
+               suffix: str = "") -> Cell:
+    if m.ok:
+        return Cell(fmt(m.value / scale, kind) + suffix)
+    if m.status == "failed":
+        return Cell(DASH, (notes.add(failure_text(label, m)),))
+    return Cell(MISSING)
+
+
+def overhead_cell(m: Measure, ref: Measure, is_ref: bool, label: str, ref_label: str,
+                  notes: TableNotes) -> Cell:
+    if m.status == "failed":
+        return Cell(DASH, (notes.add(failure_text(label, m)),))
+    if not m.ok:
+        return Cell(MISSING)
+    if is_ref:
+        return Cell(REF)
+    if ref.status == "failed":
+        return Cell(DASH, (notes.add(failure_text(ref_label, ref)),))
+    if not ref.ok or ref.value == 0:
+        return Cell(MISSING)
+    ratio = m.value / ref.value
+    return Cell(f"{fmt(100 * (ratio - 1), 'pct', sign=True)} % ({fmt(ratio, 'ratio')}×)")
+
+
+def _drop_empty_columns(headers, align, rows, keep: int):
+    """Drop columns (after the first ``keep``) where no row has a figure."""
+    cols = [i for i in range(len(headers))
+            if i < keep or any(row[i].text != MISSING for row in rows)]
+    return ([headers[i] for i in cols], [align[i] for i in cols],
+            [[row[i] for i in cols] for row in rows])
+
+
+# --------------------------------------------------------------------------- cost (Table 1)
+
+def reference_resolution(idx: Index, backbone: str) -> Optional[int]:
+    """224² when timed there, else the resolution timed most often (ties: the smallest);
+    without timings, 224² or the smallest resolution with FLOPs."""
+    timed = [r["resolution"] for r in idx.records
+             if r["backbone"] == backbone and r["metric"] in TIMING_METRICS
+             and r["resolution"] is not None]
+    if timed:
+        if REFERENCE_RES in timed:
+            return REFERENCE_RES
+        return sorted(set(timed), key=lambda x: (-timed.count(x), x))[0]
+    counted = idx.values("resolution", backbone, ["flops", "params"])
+    counted = [x for x in counted if x is not None]
+    if REFERENCE_RES in counted or not counted:
+        return REFERENCE_RES
+    return counted[0]
+
+
+def cost_keys(idx: Index) -> List[Tuple[str, int, Optional[int]]]:
+    """(backbone, resolution, batch) of each cost table of a group."""
+    keys = []
+    for backbone in idx.backbones():
+        if not idx.variants(backbone, ["params", "flops"] + list(TIMING_METRICS)):
+            continue
+        res = reference_resolution(idx, backbone)
+        batches = [b for b in idx.values("batch", backbone, TIMING_METRICS, resolution=res)]
+        for b in batches or [None]:
+            keys.append((backbone, res, b))
+    return keys
+
+
+def _cost_columns(idx: Index, backbone: str):
+    """[(header, metric, mode, counter, kind, scale)] of a cost table."""
+    cols = [("params (M)", "params", None, None, "params", 1e6)]
+    for c in idx.counters(backbone):
+        cols.append((f"FLOPs (G) {c}", "flops", None, c, "flops", 1.0))
+    cols += [("mem. train (MiB)", "peak_memory", "train", None, "peak_memory", 1.0),
+             ("mem. eval (MiB)", "peak_memory", "eval", None, "peak_memory", 1.0),
+             ("FPS train (img/s)", "throughput", "train", None, "throughput", 1.0),
+             ("FPS eval (img/s)", "throughput", "eval", None, "throughput", 1.0),
+             ("speed ratio train (×)", "speed_ratio", "train", None, "speed_ratio", 1.0),
+             ("speed ratio eval (×)", "speed_ratio", "eval", None, "speed_ratio", 1.0)]
+    return cols
+
+
+def _get_cost(idx, backbone, v, metric, mode, counter, res, batch) -> Measure:
+    if metric == "params":
+        return idx.get(backbone, v, "params", resolution=res, any_resolution=True)
+    if metric == "flops":
+        return idx.get(backbone, v, "flops", resolution=res, counter=counter)
+    return idx.get(backbone, v, metric, mode=mode, resolution=res, batch=batch)
+
+
+def _disagreement_note(idx, backbone, v, res, label, counter) -> Optional[str]:
+    m = idx.get(backbone, v, "flops_disagreement", resolution=res)
+    if m.ok and "DISAGREE" in ((m.row or {}).get("method") or "") and counter != "fvcore":
+        return (f"{label}: the FLOP counters disagree by {fmt(m.value, 'pct')} % at {res}² "
+                f"(over 2 %; fvcore is the main figure)")
+    return None
+
+
+def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optional[int],
+               device: str) -> Tuple[Table, Table]:
+    """The Table 1 figures and their overhead relative to ``none``."""
+    variants = idx.variants(backbone, ["params", "flops"] + list(TIMING_METRICS))
+    labels = display_labels(variants)
+    cols = _cost_columns(idx, backbone)
+    tn = notes.start_table()
+    rows = []
+    for v in variants:
+        row = [Cell(labels[v]), Cell(backbone)]
+        for header, metric, mode, counter, kind, scale in cols:
+            m = _get_cost(idx, backbone, v, metric, mode, counter, res, batch)
+            cell = value_cell(m, kind, labels[v], tn, scale)
+            if metric == "flops" and m.ok:
+                note = _disagreement_note(idx, backbone, v, res, labels[v], counter)
+                if note:
+                    cell = Cell(cell.text, (tn.add(note),))
+            row.append(cell)
+        rows.append(row)
+    headers = ["method", "backbone"] + [c[0] for c in cols]
+    align = ["left", "left"] + ["right"] * len(cols)
+    headers, align, rows = _drop_empty_columns(headers, align, rows, 2)
+    batch_text = f", batch {batch}" if batch is not None else ""
+    key = f"cost-{backbone}-r{res}" + (f"-b{batch}" if batch is not None else "")
+    counters = idx.counters(backbone)
+    intro = [f"{backbone} at {res_text(res)}{batch_text} on `{device}`.",
+             "FLOPs are multiply-adds (GMac) per image"
+             + (f", {counters[0]} as the main column" if counters else "") + ";",
+             "memory is the peak of one eval forward / one train step;",
+             "FPS = batch / median latency;"
+             " speed ratio = throughput relative to `none` timed in the same interleaved rounds.",
+             f"{DASH} = failed (reason in the note), {MISSING} = not measured."]
+    table = Table(key, f"Cost of {backbone} at {res_text(res)}{batch_text}", headers, rows,
+                  align, intro, tn.items)
+
+    # overhead relative to the plain backbone ------------------------------------
+    ref_v = next((v for v in variants if v[0] == "none"), None)
+    tn2 = notes.start_table()
+    ocols = [c for c in cols if c[1] != "speed_ratio"]
+    orows = []
+    for v in variants:
+        row = [Cell(labels[v]), Cell(backbone)]
+        for header, metric, mode, counter, kind, scale in ocols:
+            m = _get_cost(idx, backbone, v, metric, mode, counter, res, batch)
+            if ref_v is None:
+                ref = Measure("missing")
+            else:
+                ref = _get_cost(idx, backbone, ref_v, metric, mode, counter, res, batch)
+            row.append(overhead_cell(m, ref, v == ref_v, labels[v],
+                                     labels.get(ref_v, "none") if ref_v else "none", tn2))
+        orows.append(row)
+    oheaders = ["method", "backbone"] + [c[0].split(" (")[0] + (" " + c[3] if c[3] else "")
+                                         for c in ocols]
+    oalign = ["left", "left"] + ["right"] * len(ocols)
+    oheaders, oalign, orows = _drop_empty_columns(oheaders, oalign, orows, 2)
+    ointro = [f"Change relative to the plain {backbone} (`none`) of the same run, device "
+              f"(`{device}`), resolution ({res_text(res)}) and batch"
+              f"{f' ({batch})' if batch is not None else ''}:",
+              "`+x.xx % (y.yyy×)` = (figure / plain − 1) in percent and figure / plain.",
+              "For FPS below 1.000× means slower."]
+    if ref_v is None:
+        ointro.append("No plain backbone (`none`) was measured in this group, "
+                      "so no overhead can be given.")
+    otable = Table(f"overhead-{backbone}-r{res}" + (f"-b{batch}" if batch is not None else ""),
+                   f"Overhead of {backbone} variants relative to `none` at "
+                   f"{res_text(res)}{batch_text}", oheaders, orows, oalign, ointro, tn2.items)
+    return table, otable
+
+
+# --------------------------------------------------------------------------- cost vs resolution
+
+RES_METRICS = {  # metric: (title, unit header, kind)
+    "flops": ("FLOPs", "G", "flops"),
+    "latency": ("Latency", "ms", "latency"),
+    "peak_memory": ("Peak memory", "MiB", "peak_memory"),
+}
+
+
+def resolution_keys(idx: Index) -> List[Tuple[str, str, Optional[str], Optional[int], Optional[str]]]:
+    """(backbone, metric, mode, batch, counter) of each cost-vs-resolution table (only where
+    two or more resolutions were measured)."""
+    keys = []
+    for backbone in idx.backbones():
+        for metric in RES_METRICS:
+            if metric == "flops":
+                counters = idx.counters(backbone)
+                combos = [(None, None, counters[0])] if counters else []
+            else:
+                combos = []
+                for mode in idx.values("mode", backbone, [metric]):
+                    for b in idx.values("batch", backbone, [metric], mode=mode):
+                        combos.append((mode, b, None))
+            for mode, b, counter in combos:
+                res = [r for r in idx.records if r["backbone"] == backbone and r["metric"] == metric
+                       and (mode is None or r["mode"] == mode) and (b is None or r["batch"] == b)
+                       and (counter is None or counter_of(r["method"]) == counter)]
+                if len({r["resolution"] for r in res}) >= 2:
+                    keys.append((backbone, metric, mode, b, counter))
+    return keys
+
+
+def resolution_table(idx: Index, notes: Notes, backbone: str, metric: str, mode: Optional[str],
+                     batch: Optional[int], counter: Optional[str], device: str,
+                     full: bool = False) -> Table:
+    """``metric`` per variant at 168², 224², 448² (``full``: at every measured resolution),
+    with the growth 448²/224²."""
+    title, unit, kind = RES_METRICS[metric]
+    variants = idx.variants(backbone, [metric])
+    labels = display_labels(variants)
+    match = {k: v for k, v in (("mode", mode), ("batch", batch)) if v is not None}
+    measured = [r for r in idx.values("resolution", backbone, [metric], **match) if r is not None]
+    cols = [r for r in STANDARD_RES if r in measured]
+    if full or len(cols) < 2:
+        cols = measured
+    growth = (not full) and REFERENCE_RES in cols and max(cols) > REFERENCE_RES
+    tn = notes.start_table()
+    rows = []
+    for v in variants:
+        row = [Cell(labels[v])]
+        ms = {}
+        for r in cols:
+            if metric == "flops":
+                ms[r] = idx.get(backbone, v, metric, resolution=r, counter=counter)
+            else:
+                ms[r] = idx.get(backbone, v, metric, mode=mode, resolution=r, batch=batch)
+            row.append(value_cell(ms[r], kind, labels[v], tn))
+        if growth:
+            hi, lo = ms[max(cols)], ms[REFERENCE_RES]
+            row.append(Cell(fmt(hi.value / lo.value, "growth") + "×") if hi.ok and lo.ok
+                       and lo.value else Cell(MISSING))
+        rows.append(row)
+    headers = ["method"] + [f"{res_text(r)} ({unit})" for r in cols]
+    if growth:
+        headers.append(f"{res_text(max(cols))} / {res_text(REFERENCE_RES)}")
+    align = ["left"] + ["right"] * (len(headers) - 1)
+    what = [f"{backbone}"]
+    if mode:
+        what.append(mode)
+    if batch is not None:
+        what.append(f"batch {batch}")
+    if counter:
+        what.append(f"{counter}, multiply-adds per image")
+    key = "-".join(["full" if full else "res", metric, backbone] + ([mode] if mode else [])
+                   + ([f"b{batch}"] if batch is not None else []))
+    intro = [f"{title} ({unit}) on `{device}` at each input resolution (square inputs)."]
+    if growth:
+        intro.append(f"The last column is the growth from {res_text(REFERENCE_RES)} to "
+                     f"{res_text(max(cols))}.")
+    if not full and len(measured) > len(cols):
+        intro.append("Every measured resolution is in the appendix and the plot.")
+    intro.append(f"{DASH} = failed (reason in the note), {MISSING} = not measured.")
+    return Table(key, f"{title} vs input resolution ({', '.join(what)})", headers, rows, align,
+                 intro, tn.items)
+
+
+# --------------------------------------------------------------------------- accuracy (Table 2)
+
+ACC_METRICS = ("top1", "top5")
+
+
+def accuracy_keys(idx: Index) -> List[Tuple[str, str, str]]:
+    """(backbone, dataset, metric) of each accuracy table."""
+    keys = []
+    for backbone in idx.backbones():
+        for metric in ACC_METRICS:
+            for ds in idx.values("dataset", backbone, [metric]):
+                keys.append((backbone, ds or "", metric))
+    return keys
+
+
+def accuracy_series(idx: Index, backbone: str, dataset: str, metric: str):
+    """[(variant, train_resolution, {test resolution: Measure})], sorted."""
+    out = []
+    for v in idx.variants(backbone, [metric]):
+        trs = idx.values("train_resolution", backbone, [metric], dataset=dataset or None) \
+            if dataset else idx.values("train_resolution", backbone, [metric])
+        for tr in trs:
+            rows = [r for r in idx.rows(backbone, v, metric) if r.get("train_resolution") == tr
+                    and (r.get("dataset") or "") == dataset]
+            if not rows:
+                continue
+            by_res: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
+            for r in rows:
+                by_res[r["resolution"]].append(r)
+            out.append((v, tr, {res: choose(rs) for res, rs in sorted(by_res.items())}))
+    return sorted(out, key=lambda x: (variant_sort_key(x[0]), x[1] != REFERENCE_RES,
+                                      x[1] or 0))
+
+
+def best_of(series: Dict[int, Measure]) -> Optional[Tuple[int, float]]:
+    ok = [(res, m.value) for res, m in series.items() if m.ok]
+    if not ok:
+        return None
+    return sorted(ok, key=lambda x: (-x[1], x[0]))[0]
+
+
+def scaled(res: int, train_res: Optional[int]) -> Optional[int]:
+    """The test size standing for ``res`` (a 224²-trained column) for a model trained at
+    ``train_res``: res × train_res / 224 (None if not a whole number)."""
+    if train_res is None or train_res == REFERENCE_RES:
+        return res
+    num = res * train_res
+    return num // REFERENCE_RES if num % REFERENCE_RES == 0 else None
+
+
+def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric: str,
+                   device: str) -> Table:
+    series = accuracy_series(idx, backbone, dataset, metric)
+    labels = display_labels(sorted({s[0] for s in series}, key=variant_sort_key))
+    tn = notes.start_table()
+    rows = []
+    any_scaled = False
+    for v, tr, ser in series:
+        label = labels[v]
+        tr_text = res_text(tr) if tr is not None else "?"
+        row = [Cell(label), Cell(tr_text)]
+        best = best_of(ser)
+        if best is None:
+            failed = [m for m in ser.values() if m.status == "failed"]
+            row += [value_cell(failed[-1], metric, label, tn) if failed else Cell(MISSING),
+                    Cell(MISSING)]
+        else:
+            row += [Cell(fmt(best[1], metric)), Cell(res_text(best[0]))]
+        for col in (224, 168, 448):
+            actual = scaled(col, tr)
+            m = ser.get(actual, Measure("missing")) if actual is not None else Measure("missing")
+            cell = value_cell(m, metric, label, tn)
+            if tr is not None and tr != REFERENCE_RES:
+                any_scaled = True
+                if m.ok:
+                    cell = Cell(f"{cell.text} ({res_text(actual)})")
+            row.append(cell)
+        rows.append(row)
+    headers = ["method", "trained at", f"Best {metric} (%)", "best at", "224²", "168²", "448²"]
+    align = ["left", "right", "right", "right", "right", "right", "right"]
+    ds = f" on {dataset}" if dataset else ""
+    intro = [f"{metric.capitalize()} accuracy (%) of {backbone}{ds}, single crop, at several "
+             f"test resolutions (evaluated on `{device}`), laid out as Table 2 of the TDAM paper;",
+             "Best is the highest over every tested resolution and `best at` where it was reached."]
+    if any_scaled:
+        intro.append("Rows trained at R² other than 224² are scaled: their columns are the test "
+                     "sizes 0.75·R, R and 2·R (224² ↔ R², 168² ↔ 0.75·R, 448² ↔ 2·R); the actual "
+                     "size is in parentheses.")
+    intro.append(f"{DASH} = failed (reason in the note), {MISSING} = not measured.")
+    key = f"acc-{metric}-{backbone}" + (f"-{slug(dataset)}" if dataset else "")
+    return Table(key, f"{metric.capitalize()} accuracy vs test resolution, {backbone}{ds}",
+                 headers, rows, align, intro, tn.items)
+
+
+def slug(text: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(text).lower())
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "x"
