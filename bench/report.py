@@ -208,10 +208,9 @@ def build_tables(g: Group) -> List[Tuple[str, List[T.Table]]]:
     if acc:
         sections.append(("Accuracy across test resolutions (TDAM Table 2 layout)", acc))
     full = []
-    for k in rkeys:
+    for k, short in zip(rkeys, restabs):
         t = T.resolution_table(idx, notes, *k, device=g.device, full=True)
-        if len(t.headers) > len(next(x for x in restabs if x.key == t.key.replace(
-                "full-", "res-", 1)).headers):
+        if len(t.headers) > len(short.headers):   # more than the main table shows
             full.append(t)
     if full:
         sections.append(("Appendix: every measured resolution", full))
@@ -237,13 +236,15 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
         res = T.reference_resolution(idx, backbone)
         counters = idx.counters(backbone)
         for batch in idx.values("batch", backbone, ["throughput"], resolution=res):
-            pts = []
+            pts, failed = [], []
             for v in idx.variants(backbone, ["throughput"]):
                 p = idx.get(backbone, v, "params", resolution=res, any_resolution=True)
                 f = (idx.get(backbone, v, "flops", resolution=res, counter=counters[0])
                      if counters else T.Measure("missing"))
                 for mode in ("train", "eval"):
                     t = idx.get(backbone, v, "throughput", mode=mode, resolution=res, batch=batch)
+                    if t.status == "failed":
+                        failed.append(f"{labels[v]} ({mode}): {t.error}")
                     if p.ok and t.ok:
                         pts.append({"method": labels[v], "params_M": p.value / 1e6,
                                     "fps": t.value, "mode": mode,
@@ -253,7 +254,8 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
                 files = P.throughput_vs_params(
                     pd.DataFrame(pts), pdir / f"throughput-vs-params-{backbone}-r{res}-b{batch}",
                     formats, title, g.plot_subtitle, colours,
-                    flops_label=f"FLOPs (G, {counters[0]})" if counters else "FLOPs (G)")
+                    flops_label=f"FLOPs (G, {counters[0]})" if counters else "FLOPs (G)",
+                    failed=failed)
                 plots.append((title + " (marker size = FLOPs)", files))
 
         # cost vs resolution
@@ -297,7 +299,9 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
                 files = P.vs_resolution(
                     pd.DataFrame(rows), pdir / stem, formats, title, g.plot_subtitle, ylabel,
                     colours, failed,
-                    panel_titles={"eval": "inference (eval)", "train": "training step"})
+                    panel_titles={"eval": "inference (eval)", "train": "training step"},
+                    relative_to=next((labels[v] for v in all_variants if v[0] == "none"), None)
+                    if metric == "flops" else None)
                 plots.append((title, files))
 
         # accuracy vs test resolution (TDAM Fig. 3), one plot per train resolution
@@ -306,7 +310,8 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
                                         for k in T.accuracy_keys(idx) if k[0] == backbone):
                 continue  # Fig. 3 shows top-1; top-5 only when it is all there is
             series = T.accuracy_series(idx, backbone, dataset, metric)
-            for tr in sorted({s[1] for s in series}, key=lambda x: (x is None, x or 0)):
+            for tr in sorted({s[1] for s in series},
+                             key=lambda x: (x != T.REFERENCE_RES, x is None, x or 0)):
                 rows, failed = [], []
                 for v, tr_, ser in series:
                     if tr_ != tr:
@@ -324,7 +329,7 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
                     continue
                 ds = f" on {dataset}" if dataset else ""
                 tr_text = f"{tr}²" if tr is not None else "unknown resolution"
-                name = "Top-1" if metric == "top1" else "Top-5"
+                name = T.metric_name(metric)
                 title = f"{name} accuracy vs test resolution — {backbone}{ds}, trained at {tr_text}"
                 stem = f"{metric}-vs-resolution-{backbone}" + (
                     f"-{T.slug(dataset)}" if dataset else "") + f"-train{tr}"
@@ -340,7 +345,9 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
 def _env_items(env: Dict[str, Any]) -> List[Tuple[str, str]]:
     def get(k):
         v = env.get(k)
-        return "unknown" if v is None or v == "" else str(v)
+        if v is None or v == "":
+            return "none" if k in ("cuda", "cudnn") and env else "unknown"
+        return str(v)
     commit = env.get("commit")
     commit_text = "unknown" if not commit else str(commit)[:12] + (
         " (uncommitted changes)" if env.get("dirty") else "")

@@ -37,6 +37,21 @@ def palette(labels: Sequence[str]) -> Dict[str, tuple]:
     return {lab: colours[i] for i, lab in enumerate(labels)}
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+
+
+def markers(labels: Sequence[str]) -> Dict[str, str]:
+    """One stable marker per method label, so overlapping lines stay distinguishable."""
+    labels = list(dict.fromkeys(labels))
+    return {lab: _MARKERS[i % len(_MARKERS)] for i, lab in enumerate(labels)}
+
+
+def dashes(labels: Sequence[str]) -> Dict[str, tuple]:
+    pats = ((), (5, 2), (1, 1.5), (4, 1.5, 1, 1.5), (7, 2, 2, 2), (3, 3))
+    labels = list(dict.fromkeys(labels))
+    return {lab: pats[i % len(pats)] for i, lab in enumerate(labels)}
+
+
 class _Style:
     def __enter__(self):
         import seaborn as sns
@@ -90,44 +105,77 @@ def _footer(fig: Figure, lines: Sequence[str]) -> None:
 
 def throughput_vs_params(points, base: Path, formats: Sequence[str], title: str,
                          subtitle: str, colours: Dict[str, tuple],
-                         flops_label: str = "FLOPs (G)") -> List[Path]:
+                         flops_label: str = "FLOPs (G)", failed: Sequence[str] = ()) -> List[Path]:
     """Scatter of throughput (img/s) against parameters (M), one panel per mode present
-    (train, eval), marker size = FLOPs. ``points``: DataFrame with columns ``method``,
+    (train, eval); marker AREA proportional to FLOPs (the same scale in every panel), each
+    point labelled with its method. ``points``: DataFrame with columns ``method``,
     ``params_M``, ``fps``, ``flops_G`` (may be NaN), ``mode``."""
     import seaborn as sns
     modes = [m for m in ("train", "eval") if m in set(points["mode"])]
     with _Style():
-        fig = Figure(figsize=(5.2 * len(modes) + 2.6, 4.4), layout="constrained")
+        fig = Figure(figsize=(5.2 * len(modes) + 2.8, 4.6), layout="constrained")
         axes = fig.subplots(1, len(modes), squeeze=False)[0]
-        has_size = points["flops_G"].notna().any()
-        data = points.rename(columns={"method": "method", "flops_G": flops_label})
+        has_size = bool(points["flops_G"].notna().any())
+        top = float(points["flops_G"].max()) if has_size else 1.0
+        data = points.copy()
+        data[flops_label] = data["flops_G"].round(3)
         for i, (ax, mode) in enumerate(zip(axes, modes)):
             d = data[data["mode"] == mode]
             last = i == len(modes) - 1
             sns.scatterplot(data=d, x="params_M", y="fps", hue="method", palette=colours,
                             hue_order=[k for k in colours if k in set(data["method"])],
                             size=flops_label if has_size else None,
-                            sizes=(50, 400) if has_size else None,
-                            alpha=0.85, edgecolor="0.2", linewidth=0.6,
-                            legend="brief" if last else False, ax=ax)
+                            sizes=(0, 420) if has_size else None,
+                            size_norm=(0, top) if has_size else None,
+                            alpha=0.8, edgecolor="0.2", linewidth=0.6,
+                            legend="full" if last else False, ax=ax)
+            for _, p in d.sort_values("method").iterrows():
+                ax.annotate(p["method"], (p["params_M"], p["fps"]), xytext=(0, 11),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                            color="0.25")
             ax.set_xlabel("parameters (M)")
             ax.set_ylabel(f"throughput, {mode} (img/s)")
             ax.set_title({"train": "training step (forward + backward + update)",
                           "eval": "inference (eval, no grad)"}[mode])
-            ax.margins(x=0.15, y=0.15)
+            ax.margins(x=0.2, y=0.2)
             if last and ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         _title(fig, title, subtitle)
+        _footer(fig, ([f"marker area proportional to {flops_label}"] if has_size else [])
+                + [f"not plotted, failed: {f}" for f in failed])
         return _save(fig, base, formats)
 
 
 def vs_resolution(data, base: Path, formats: Sequence[str], title: str, subtitle: str,
                   ylabel: str, colours: Dict[str, tuple], failed: Sequence[str] = (),
-                  panel_titles: Optional[Dict[str, str]] = None) -> List[Path]:
+                  panel_titles: Optional[Dict[str, str]] = None,
+                  relative_to: Optional[str] = None) -> List[Path]:
     """One line per method of ``value`` against ``resolution``; one panel per value of
-    ``panel`` (e.g. eval / train). ``data``: DataFrame ``method, resolution, value, panel``."""
+    ``panel`` (e.g. eval / train). ``data``: DataFrame ``method, resolution, value, panel``.
+    ``relative_to``: a method label; adds a panel with each method's change relative to it
+    (in %), which shows overheads that vanish at the scale of the absolute figures."""
+    import pandas as pd
     import seaborn as sns
+    data = data.copy()
     panels = list(dict.fromkeys(data["panel"]))
+    ylabels = {p: ylabel for p in panels}
+    if relative_to is not None and relative_to in set(data["method"]) and len(panels) == 1:
+        ref = data[data["method"] == relative_to].set_index(["panel", "resolution"])["value"]
+        rel = data[data["method"] != relative_to].copy()
+        keys = list(zip(rel["panel"], rel["resolution"]))
+        base_vals = [ref.get(k, float("nan")) for k in keys]
+        rel["value"] = [100.0 * (v / b - 1.0) if b == b and b else float("nan")
+                        for v, b in zip(rel["value"], base_vals)]
+        rel = rel.dropna(subset=["value"])
+        if len(rel):
+            rel["panel"] = "relative"
+            data = pd.concat([data, rel], ignore_index=True)
+            panels.append("relative")
+            ylabels["relative"] = f"change relative to {relative_to} (%)"
+            panel_titles = dict(panel_titles or {})
+            panel_titles.setdefault(panels[0], "absolute")
+            panel_titles["relative"] = f"relative to {relative_to}"
+    order = [k for k in colours if k in set(data["method"])]
     with _Style():
         fig = Figure(figsize=(5.6 * len(panels) + 2.6, 4.4), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -135,11 +183,12 @@ def vs_resolution(data, base: Path, formats: Sequence[str], title: str, subtitle
             d = data[data["panel"] == panel].sort_values(["method", "resolution"])
             last = i == len(panels) - 1
             sns.lineplot(data=d, x="resolution", y="value", hue="method", palette=colours,
-                         hue_order=[k for k in colours if k in set(data["method"])],
-                         marker="o", markersize=6, linewidth=1.6, estimator=None,
-                         sort=True, legend="full" if last else False, ax=ax)
+                         hue_order=order, style="method", style_order=order,
+                         markers=markers(order), dashes=dashes(order), markersize=6,
+                         linewidth=1.6, estimator=None, sort=True,
+                         legend="full" if last else False, ax=ax)
             _res_axis(ax, d["resolution"])
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabels[panel])
             if panel_titles and panel in panel_titles:
                 ax.set_title(panel_titles[panel])
             if last and ax.get_legend() is not None:
@@ -167,7 +216,8 @@ def accuracy_vs_resolution(data, base: Path, formats: Sequence[str], title: str,
         order = sorted(order, key=lambda leg: list(colours).index(
             data.loc[data["legend"] == leg, "method"].iloc[0]))
         sns.lineplot(data=data.sort_values(["legend", "resolution"]), x="resolution", y="value",
-                     hue="legend", hue_order=order, palette=legend_colours, marker="o",
+                     hue="legend", hue_order=order, palette=legend_colours, style="legend",
+                     style_order=order, markers=dict(zip(order, _MARKERS * 4)), dashes=False,
                      markersize=6, linewidth=1.6, estimator=None, sort=True, ax=ax)
         _res_axis(ax, data["resolution"], xlabel)
         ax.set_ylabel(ylabel)

@@ -538,7 +538,7 @@ def resolution_table(idx: Index, notes: Notes, backbone: str, metric: str, mode:
         what.append(f"batch {batch}")
     if counter:
         what.append(f"{counter}, multiply-adds per image")
-    key = "-".join(["full" if full else "res", metric, backbone] + ([mode] if mode else [])
+    key = "-".join(["full" if full else "res", slug(metric), backbone] + ([mode] if mode else [])
                    + ([f"b{batch}"] if batch is not None else []))
     intro = [f"{title} ({unit}) on `{device}` at each input resolution (square inputs)."]
     if growth:
@@ -547,7 +547,8 @@ def resolution_table(idx: Index, notes: Notes, backbone: str, metric: str, mode:
     if not full and len(measured) > len(cols):
         intro.append("Every measured resolution is in the appendix and the plot.")
     intro.append(f"{DASH} = failed (reason in the note), {MISSING} = not measured.")
-    return Table(key, f"{title} vs input resolution ({', '.join(what)})", headers, rows, align,
+    return Table(key, f"{title} vs input resolution ({', '.join(what)})"
+                 + (", every measured resolution" if full else ""), headers, rows, align,
                  intro, tn.items)
 
 
@@ -632,7 +633,7 @@ def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric
     headers = ["method", "trained at", f"Best {metric} (%)", "best at", "224²", "168²", "448²"]
     align = ["left", "right", "right", "right", "right", "right", "right"]
     ds = f" on {dataset}" if dataset else ""
-    intro = [f"{metric.capitalize()} accuracy (%) of {backbone}{ds}, single crop, at several "
+    intro = [f"{metric_name(metric)} accuracy (%) of {backbone}{ds}, single crop, at several "
              f"test resolutions (evaluated on `{device}`), laid out as Table 2 of the TDAM paper;",
              "Best is the highest over every tested resolution and `best at` where it was reached."]
     if any_scaled:
@@ -641,8 +642,12 @@ def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric
                      "size is in parentheses.")
     intro.append(f"{DASH} = failed (reason in the note), {MISSING} = not measured.")
     key = f"acc-{metric}-{backbone}" + (f"-{slug(dataset)}" if dataset else "")
-    return Table(key, f"{metric.capitalize()} accuracy vs test resolution, {backbone}{ds}",
+    return Table(key, f"{metric_name(metric)} accuracy vs test resolution, {backbone}{ds}",
                  headers, rows, align, intro, tn.items)
+
+
+def metric_name(metric: str) -> str:
+    return {"top1": "Top-1", "top5": "Top-5"}.get(metric, metric)
 
 
 def slug(text: str) -> str:
