@@ -49,9 +49,13 @@ Budget (ResNet-50, 3 flows, fvcore at 224^2, batch 1): paper 29.9 M / 5.4 G for
 ANAR-3 (30.3 M / 5.8 G ANAR-5, 30.5 M / 5.8 G ANAR-7). Ours: 25,815,699 / 5.085 G
 (ANAR-3), 26,526,675 / 5.125 G (ANAR-5), 26,817,875 / 5.126 G (ANAR-7); plain
 ResNet-50 25,557,032 / 4.112 G. Table 1's widths on stages 1-3 (c = 256, 512, 1024)
-give 0.26 M for ANAR-3 (the paper's FCOS table: +0.22 M), so the classification table's +4.3 M is not reproducible from the paper; the FLOPs
-are the asymmetric flows of eq. 1 (5.05 G before ANAR; symmetric full-depth flows
-would give 5.50 G).
+give 0.26 M for ANAR-3 (the paper's FCOS table: +0.22 M), so the classification
+table's +4.3 M is not reproducible from the paper. Our FLOPs are the asymmetric
+flows of eq. 1 (5.05 G before ANAR) + 0.03-0.07 G of ANAR; symmetric full-depth
+flows would give 5.50 G, so the paper's 5.4 G lies between.
+
+A plain ResNet's ``state_dict`` loads into a TDAF model (``strict=False``: the
+ANARs are missing), each BN's running statistics going to every flow.
 
 Ops in forward: ``nn.AvgPool2d`` (``aten::avg_pool2d``, ceil_mode) for the DSF;
 the ResNet's convs/ReLUs/maxpool/adds; ``F.batch_norm`` on row-views of the MFBN
@@ -111,6 +115,15 @@ class MultiFlowBatchNorm2d(nn.Module):
                 m.running_mean.copy_(bn.running_mean.expand(flows, -1))
                 m.running_var.copy_(bn.running_var.expand(flows, -1))
         return m
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a plain BatchNorm2d's statistics (shape (C,) / scalar) load into every flow
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            key = prefix + name
+            value = state_dict.get(key)
+            if value is not None and value.dim() == getattr(self, name).dim() - 1:
+                state_dict[key] = value.unsqueeze(0).expand_as(getattr(self, name)).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, flows={self.flows}, eps={self.eps}, "
