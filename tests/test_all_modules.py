@@ -1,0 +1,66 @@
+"""Every registered module at every resolution of the sweep (168^2..448^2, step 28):
+batch 1 and 2, train and eval; output shape, finite values, gradients reaching every
+parameter. ResNet-18 here (fast); ResNet-50 behind the ``slow`` marker."""
+import pytest
+import torch
+
+import modules
+from modules import build_model
+
+from conftest import RESOLUTIONS
+
+NUM_CLASSES = 10
+# extra variants beside each module's defaults
+EXTRA_VARIANTS = [("td", {"variant": "top"}), ("aw", {"gate": "se"})]
+
+
+def variants():
+    out = [(None, {})] + [(name, {}) for name in modules.REGISTRY.names()]
+    out += [v for v in EXTRA_VARIANTS if v[0] in modules.REGISTRY]
+    return out
+
+
+def _ids(v):
+    name, opts = v
+    return (name or "none") + "".join(f"-{k}={val}" for k, val in opts.items())
+
+
+def attention_parameters(model, backbone):
+    plain = set(dict(build_model(backbone, num_classes=NUM_CLASSES).named_parameters()))
+    return {n: p for n, p in model.named_parameters() if n not in plain}
+
+
+def sweep(backbone, name, opts, resolutions):
+    model = build_model(backbone, name, num_classes=NUM_CLASSES, **opts)
+    extra = attention_parameters(model, backbone)
+    if name is not None:
+        assert extra, f"{name} adds no parameters of its own"
+    for res in resolutions:
+        for batch in (1, 2):
+            x = torch.randn(batch, 3, res, res)
+            model.eval()
+            with torch.no_grad():
+                y = model(x)
+            assert y.shape == (batch, NUM_CLASSES), (res, batch)
+            assert torch.isfinite(y).all(), (res, batch, "eval")
+            model.train()
+            model.zero_grad(set_to_none=True)
+            y = model(x)
+            assert y.shape == (batch, NUM_CLASSES) and torch.isfinite(y).all()
+            y.square().mean().backward()
+            for n, p in model.named_parameters():
+                assert p.grad is not None, f"{name} {res}^2 b{batch}: no gradient for {n}"
+                assert torch.isfinite(p.grad).all(), f"non-finite gradient for {n}"
+            for n, p in extra.items():
+                assert p.grad.abs().sum() > 0, f"{name} {res}^2 b{batch}: zero gradient for {n}"
+
+
+@pytest.mark.parametrize("variant", variants(), ids=_ids)
+def test_every_resolution_resnet18(variant):
+    sweep("resnet18", *variant, RESOLUTIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", variants(), ids=_ids)
+def test_every_resolution_resnet50(variant):
+    sweep("resnet50", *variant, RESOLUTIONS)
