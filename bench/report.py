@@ -214,6 +214,9 @@ def build_tables(g: Group) -> List[Tuple[str, List[T.Table]]]:
             full.append(t)
     if full:
         sections.append(("Appendix: every measured resolution", full))
+    failed = T.failures_table(idx, g.device)
+    if failed is not None:
+        sections.append(("Failed measurements", [failed]))
     return sections
 
 
@@ -228,7 +231,7 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
     plots: List[Tuple[str, List[Path]]] = []
     pdir = out / g.folder / "plots"
     all_variants = sorted({T.variant_of(r) for r in g.records}, key=T.variant_sort_key)
-    labels = T.display_labels(all_variants)
+    labels = idx.labels
     colours = P.palette([labels[v] for v in all_variants])
 
     for backbone in idx.backbones():

@@ -103,6 +103,14 @@ class Index:
         for r in self.records:
             self._by[(r["backbone"], variant_of(r), r["metric"])].append(r)
 
+    @property
+    def labels(self) -> Dict[Variant, str]:
+        """Display label of every variant of the group (the same in every table)."""
+        if not hasattr(self, "_labels"):
+            self._labels = display_labels(sorted({variant_of(r) for r in self.records},
+                                                 key=variant_sort_key))
+        return self._labels
+
     def rows(self, backbone: str, variant: Variant, metric: str) -> List[Dict[str, Any]]:
         return self._by.get((backbone, variant, metric), [])
 
@@ -400,7 +408,7 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
                device: str) -> Tuple[Table, Table]:
     """The Table 1 figures and their overhead relative to ``none``."""
     variants = idx.variants(backbone, ["params", "flops"] + list(TIMING_METRICS))
-    labels = display_labels(variants)
+    labels = idx.labels
     cols = _cost_columns(idx, backbone)
     tn = notes.start_table()
     rows = []
@@ -504,7 +512,7 @@ def resolution_table(idx: Index, notes: Notes, backbone: str, metric: str, mode:
     with the growth 448²/224²."""
     title, unit, kind = RES_METRICS[metric]
     variants = idx.variants(backbone, [metric])
-    labels = display_labels(variants)
+    labels = idx.labels
     match = {k: v for k, v in (("mode", mode), ("batch", batch)) if v is not None}
     measured = [r for r in idx.values("resolution", backbone, [metric], **match) if r is not None]
     cols = [r for r in STANDARD_RES if r in measured]
@@ -605,7 +613,7 @@ def scaled(res: int, train_res: Optional[int]) -> Optional[int]:
 def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric: str,
                    device: str) -> Table:
     series = accuracy_series(idx, backbone, dataset, metric)
-    labels = display_labels(sorted({s[0] for s in series}, key=variant_sort_key))
+    labels = idx.labels
     tn = notes.start_table()
     rows = []
     any_scaled = False
@@ -655,3 +663,38 @@ def slug(text: str) -> str:
     while "--" in out:
         out = out.replace("--", "-")
     return out.strip("-") or "x"
+
+
+# --------------------------------------------------------------------------- every failure
+
+def failures_table(idx: Index, device: str) -> Optional[Table]:
+    """Every failed measurement of the group, one line per cell and reason, so that no
+    failure is hidden by a table that does not show its metric."""
+    groups: Dict[tuple, List[str]] = defaultdict(list)
+    for r in idx.records:
+        if r["status"] != "failed":
+            continue
+        key = (r["backbone"], variant_of(r), r["mode"] or "", r["resolution"], r["batch"],
+               r.get("error") or "failed (no reason recorded)")
+        if r["metric"] not in groups[key]:
+            groups[key].append(r["metric"])
+    if not groups:
+        return None
+    labels = idx.labels
+
+    def order(k):
+        return (k[0], variant_sort_key(k[1]), k[2], k[3] is None, k[3] or 0, k[4] is None,
+                k[4] or 0, k[5])
+    rows = []
+    for k in sorted(groups, key=order):
+        backbone, v, mode, res, batch, error = k
+        rows.append([Cell(labels[v]), Cell(backbone), Cell(mode),
+                     Cell(res_text(res) if res is not None else ""),
+                     Cell(str(batch) if batch is not None else ""),
+                     Cell(", ".join(sorted(groups[k]))), Cell(error)])
+    return Table("failures", f"Failed measurements on `{device}`",
+                 ["method", "backbone", "mode", "resolution", "batch", "metrics", "reason"],
+                 rows, ["left"] * 7,
+                 [f"Every measurement of this run on `{device}` that failed, with the reason "
+                  "recorded by the runner (the tables show these cells as "
+                  f"`{DASH}`; an empty mode, resolution or batch means not applicable)."])

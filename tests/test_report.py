@@ -140,6 +140,14 @@ def test_failed_cell_is_a_dash_with_its_reason_in_a_footnote(out):
     lat = row_of(tables(md)["res-latency-resnet50-eval-b8"], TD)
     m = re.fullmatch(r"–\[\^(\d+)\]", lat["448² (ms)"])
     assert m and "timeout after 120 s" in notes[m.group(1)]
+    # the list of every failure
+    fails = tables(md)["failures"]
+    assert [(r[0], r[2], r[3], r[6]) for r in fails[1]] == [
+        (TD, "eval", "448²", "timeout after 120 s"), (TD, "train", "224²", "timeout after 300 s")]
+    assert "failures" not in tables(report_md(folder, GPU_RUN, "cuda"))
+    # the FLOP counters' disagreement over 2 % is flagged on the ptflops figure
+    m = re.fullmatch(r"[\d.]+\[\^(\d+)\]", td["FLOPs (G) ptflops-pytorch"])
+    assert m and "disagree by 2.83 %" in notes[m.group(1)]
     # every footnote used is defined, right under its table
     assert set(re.findall(r"\[\^(\d+)\](?!:)", md)) == set(notes)
 
