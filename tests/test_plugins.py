@@ -1,0 +1,438 @@
+"""Plugins: the example package loaded from outside (file path, dotted name, entry
+point), bad plugins and their messages, the registry unchanged after a failure, and
+the commands (list, check-module, profile, run, report) with ``--plugin``."""
+import importlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import plugins
+from bench.cli import main
+from modules import build_model
+from modules.registry import REGISTRY, RegistrationError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "attnbench-coordatt"
+COORDATT = EXAMPLE / "attnbench_coordatt" / "coordatt.py"
+
+
+def _has_module(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def clean_plugins(monkeypatch):
+    """Each test starts from the built-ins and leaves the registry as it found it."""
+    specs = dict(REGISTRY._specs)
+    mods = set(sys.modules)
+    monkeypatch.setattr(plugins, "_loaded", [])
+    monkeypatch.setattr(plugins, "_file_modules", {})
+    monkeypatch.setattr(plugins, "_names_by_plugin", {})
+    monkeypatch.setattr(plugins, "_entry_point_errors", [])
+    monkeypatch.setattr(plugins, "_entry_points_done", False)
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [])  # the venv's own: not here
+    yield
+    REGISTRY._specs.clear()
+    REGISTRY._specs.update(specs)
+    for name in set(sys.modules) - mods:
+        if name.startswith(("attnbench_plugin_", "attnbench_coordatt", "brokenplug")):
+            del sys.modules[name]
+
+
+def write(tmp_path, name, body):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def forward_ok(name, **opts):
+    model = build_model("resnet18", name, num_classes=10, **opts).eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 64, 80))
+    assert y.shape == (1, 10)
+    return model
+
+
+# ----------------------------------------------------------------------------- ways in
+def test_example_by_file_path():
+    assert "coordatt" not in REGISTRY
+    plugins.load_all([str(COORDATT)])
+    spec = REGISTRY.get("coordatt")
+    assert spec.kind == "gate" and spec.defaults == {"reduction": 32, "min_channels": 8}
+    assert spec.source == f"plugin {COORDATT}"
+    assert plugins.loaded_plugins() == [str(COORDATT)]
+    assert plugins.plugin_names() == {str(COORDATT): ["coordatt"]}
+    model = forward_ok("coordatt", reduction=16)
+    assert any(type(m).__name__ == "CoordAtt" for m in model.modules())
+
+
+def test_loading_twice_is_a_no_op_and_paths_are_absolute(monkeypatch):
+    monkeypatch.chdir(EXAMPLE)
+    first = plugins.load_plugin("attnbench_coordatt/coordatt.py")
+    second = plugins.load_all([str(COORDATT), "./attnbench_coordatt/coordatt.py"])
+    assert second == [first, first]  # no second import, so no clash with itself
+    assert plugins.loaded_plugins() == [str(COORDATT)]
+
+
+def test_example_by_dotted_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    plugins.load_all(["attnbench_coordatt.coordatt"])
+    assert REGISTRY.get("coordatt").source == "plugin attnbench_coordatt.coordatt"
+    assert plugins.loaded_plugins() == ["attnbench_coordatt.coordatt"]
+    forward_ok("coordatt")
+
+
+def test_same_file_name_in_two_folders(tmp_path):
+    body = """
+        from torch import nn
+        from modules.registry import register
+        @register("{name}", "gate")
+        class G(nn.Identity):
+            def __init__(self, channels):
+                super().__init__()
+    """
+    a = write(tmp_path, "a/attn.py", body.format(name="attn-a"))
+    b = write(tmp_path, "b/attn.py", body.format(name="attn-b"))
+    plugins.load_all([str(a), str(b)])
+    assert "attn-a" in REGISTRY and "attn-b" in REGISTRY
+    assert REGISTRY.get("attn-a").factory is not REGISTRY.get("attn-b").factory
+
+
+def _entry_point(name, value):
+    return importlib.metadata.EntryPoint(name=name, value=value, group=plugins.ENTRY_POINT_GROUP)
+
+
+def test_entry_point_monkeypatched(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    calls = []
+
+    def fake_entry_points(**kw):
+        calls.append(kw)
+        return [_entry_point("coordatt", "attnbench_coordatt.coordatt")] \
+            if kw.get("group") == "attnbench.modules" else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    monkeypatch.setattr(plugins, "_entry_points", _real_entry_points)
+    assert plugins.load_all([]) == []
+    assert "coordatt" in REGISTRY
+    assert calls == [{"group": "attnbench.modules"}]
+    assert plugins.loaded_plugins() == []  # entry points need not be passed to workers
+    assert plugins.load_entry_points() == []  # once per process
+    assert len(calls) == 1
+    forward_ok("coordatt")
+
+
+def _real_entry_points():
+    from importlib import metadata
+    return list(metadata.entry_points(group=plugins.ENTRY_POINT_GROUP))
+
+
+def test_entry_point_found_in_installed_metadata(tmp_path, monkeypatch):
+    """A real lookup: a *.dist-info with entry_points.txt on sys.path, as pip leaves it."""
+    dist = tmp_path / "attnbench_coordatt-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: attnbench-coordatt\n"
+                                   "Version: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[attnbench.modules]\ncoordatt = attnbench_coordatt.coordatt\n")
+    shutil.copytree(EXAMPLE / "attnbench_coordatt", tmp_path / "attnbench_coordatt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_entry_points", _real_entry_points)
+    assert plugins.load_entry_points() == ["coordatt"]
+    spec = REGISTRY.get("coordatt")
+    assert spec.source == "plugin attnbench_coordatt.coordatt (attnbench-coordatt)"
+    forward_ok("coordatt")
+
+
+def test_broken_entry_point_warns_rolls_back_and_spares_the_rest(tmp_path, monkeypatch):
+    write(tmp_path, "brokenplug.py", """
+        from torch import nn
+        from modules.registry import register
+        @register("halfway", "gate")
+        class G(nn.Identity):
+            def __init__(self, channels):
+                super().__init__()
+        raise RuntimeError("plugin exploded")
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    eps = [_entry_point("broken", "brokenplug"),
+           _entry_point("coordatt", "attnbench_coordatt.coordatt")]
+    monkeypatch.setattr(plugins, "_entry_points", lambda: eps)
+    before = set(REGISTRY.names())
+    with pytest.warns(RuntimeWarning, match="skipped a broken plugin"):
+        assert plugins.load_entry_points() == ["coordatt"]
+    assert set(REGISTRY.names()) == before | {"coordatt"}  # no 'halfway'
+    (err,) = plugins.entry_point_errors()
+    assert "entry point 'broken' = 'brokenplug'" in err
+    assert "brokenplug.py, line 8" in err and "RuntimeError: plugin exploded" in err
+    with pytest.raises(plugins.PluginError, match="plugin exploded"):
+        plugins.load_entry_points(strict=True, force=True)
+
+
+# ----------------------------------------------------------------------------- bad plugins
+def _load_bad(tmp_path, body, name="bad.py"):
+    path = write(tmp_path, name, body)
+    before = dict(REGISTRY._specs)
+    loaded = plugins.loaded_plugins()
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load_all([str(path)])
+    assert REGISTRY._specs == before, "a failed plugin must leave the registry as it was"
+    assert plugins.loaded_plugins() == loaded
+    return path, info.value
+
+
+def test_import_error_names_file_line_and_cause(tmp_path):
+    path, err = _load_bad(tmp_path, """
+        import torch
+        import not_a_real_package_xyz
+    """)
+    assert str(err).startswith(f"{path} failed to load ({path}, line 3): ModuleNotFoundError: "
+                               f"No module named 'not_a_real_package_xyz'")
+    assert isinstance(err.__cause__, ModuleNotFoundError)
+
+
+def test_error_after_registering_rolls_back_every_name(tmp_path):
+    path, err = _load_bad(tmp_path, """
+        from torch import nn
+        from modules.registry import register
+
+        @register("first-ok", "gate")
+        class A(nn.Identity):
+            def __init__(self, channels):
+                super().__init__()
+
+        @register("se", "gate", replace=True)     # even a deliberate override is undone
+        class B(nn.Identity):
+            def __init__(self, channels):
+                super().__init__()
+
+        1 / 0
+    """)
+    assert f"({path}, line 15): ZeroDivisionError" in str(err)
+    assert "first-ok" not in REGISTRY
+    assert REGISTRY.get("se").source == "builtin"
+    forward_ok("se")
+
+
+def test_syntax_error(tmp_path):
+    path, err = _load_bad(tmp_path, "def broken(:\n    pass\n")
+    assert f"({path}, line 1): SyntaxError" in str(err)
+
+
+def test_name_clash_with_builtin_is_refused(tmp_path):
+    path, err = _load_bad(tmp_path, """
+        from torch import nn
+        from modules.registry import register
+
+        @register("se", "gate", defaults={"reduction": 16})
+        class MySE(nn.Identity):
+            def __init__(self, channels, reduction=16):
+                super().__init__()
+    """)
+    assert f"({path}, line 5): RegistrationError: module name 'se' is already registered " \
+           f"(by builtin); choose another name, or pass replace=True to override it on " \
+           f"purpose" in str(err)
+    assert isinstance(err.__cause__, RegistrationError)
+    assert REGISTRY.get("se").factory.__name__ == "SEGate"
+
+
+def test_replace_true_overrides_a_builtin_on_purpose(tmp_path):
+    path = write(tmp_path, "myse.py", """
+        from torch import nn
+        from modules.registry import register
+
+        @register("se", "gate", defaults={"reduction": 16}, replace=True)
+        class MySE(nn.Identity):
+            def __init__(self, channels, reduction=16):
+                super().__init__()
+    """)
+    plugins.load_all([str(path)])
+    spec = REGISTRY.get("se")
+    assert spec.factory.__name__ == "MySE" and spec.source == f"plugin {path}"
+    assert plugins.plugin_names() == {str(path): ["se"]}
+
+
+def test_clash_between_two_plugins_names_the_first(tmp_path):
+    plugins.load_all([str(COORDATT)])
+    path, err = _load_bad(tmp_path, """
+        from torch import nn
+        from modules.registry import register
+        @register("coordatt", "gate")
+        class Mine(nn.Identity):
+            def __init__(self, channels):
+                super().__init__()
+    """)
+    assert f"'coordatt' is already registered (by plugin {COORDATT})" in str(err)
+
+
+@pytest.mark.parametrize("decl, message", [
+    ('@register("nochan", "gate")\ndef make():\n    return None',
+     "module 'nochan': a gate factory must take the 'channels' argument first, as "
+     "factory(channels, **options); got signature ()"),
+    ('@register("noopt", "gate", defaults={"reduction": 16})\n'
+     'def make(channels):\n    return None',
+     "module 'noopt': factory signature (channels) does not accept the default option(s) "
+     "reduction"),
+    ('@register("badkind", "gat")\ndef make(channels):\n    return None',
+     "module 'badkind': kind 'gat' is not one of gate, conv, block, network, head"),
+    ('@register("Bad Name", "gate")\ndef make(channels):\n    return None',
+     "module name 'Bad Name' must be short, lowercase"),
+])
+def test_bad_registration_messages(tmp_path, decl, message):
+    _, err = _load_bad(tmp_path, "from modules.registry import register\n" + decl + "\n")
+    assert "RegistrationError: " + message in str(err)
+
+
+def test_missing_file_and_unknown_module():
+    with pytest.raises(plugins.PluginError, match=r"plugin file 'nowhere/attn\.py' not found "
+                                                  r"\(looked for .*nowhere/attn\.py\)"):
+        plugins.load_all(["nowhere/attn.py"])
+    with pytest.raises(plugins.PluginError, match="plugin 'no_such_pkg.attn': no module named "
+                                                  "'no_such_pkg'"):
+        plugins.load_all(["no_such_pkg.attn"])
+    with pytest.raises(plugins.PluginError, match="neither an existing .py file"):
+        plugins.load_all(["not a module"])
+
+
+def test_error_inside_a_dotted_module_names_its_file(tmp_path, monkeypatch):
+    path = write(tmp_path, "brokenplug2.py", "x = 1\nraise ValueError('bad value')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load_all(["brokenplug2"])
+    assert f"brokenplug2 failed to load ({path}, line 2): ValueError: bad value" in str(info.value)
+    sys.modules.pop("brokenplug2", None)
+
+
+def test_a_failed_plugin_keeps_the_ones_before(tmp_path):
+    bad = write(tmp_path, "bad.py", "raise ImportError('nope')\n")
+    with pytest.raises(plugins.PluginError):
+        plugins.load_all([str(COORDATT), str(bad)])
+    assert "coordatt" in REGISTRY
+    assert plugins.loaded_plugins() == [str(COORDATT)]
+
+
+# ----------------------------------------------------------------------------- commands
+def test_cli_bad_plugin_exits_2_with_message(tmp_path, capsys):
+    bad = write(tmp_path, "bad.py", "import not_a_real_package_xyz\n")
+    assert main(["list", "--plugin", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attnbench: error: {bad} failed to load ({bad}, line 1): "
+                          f"ModuleNotFoundError")
+
+
+@pytest.mark.xfail(reason="bench/cli.py: the subcommand's --plugin default [] overwrites a "
+                          "--plugin given before the subcommand (argparse sub-parser defaults)")
+def test_cli_plugin_before_the_subcommand(capsys):
+    assert main(["--plugin", str(COORDATT), "list"]) == 0
+    assert "coordatt" in capsys.readouterr().out
+
+
+def test_cli_list_shows_the_plugin(capsys):
+    assert main(["list", "--plugin", str(COORDATT)]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("coordatt"))
+    assert "gate" in line and str(COORDATT) in line
+
+
+def test_cli_check_module_with_plugin(capsys):
+    code = main(["check-module", "coordatt", "--plugin", str(COORDATT), "--resolutions", "64",
+                 "--no-flops", "--option", "reduction=16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "reduction=16" in out and "-- conforms" in out
+
+
+def _command_missing(module):
+    return not _has_module(module)
+
+
+@pytest.mark.skipif(_command_missing("bench.cmd_profile"),
+                    reason="attnbench profile (bench/cmd_profile.py) is not written yet")
+def test_cli_profile_with_plugin(capsys):
+    code = main(["profile", "resnet18", "coordatt", "--plugin", str(COORDATT)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "coordatt" in out.lower()
+
+
+TINY = """
+name = "plug"
+device = "cpu"
+backbones = ["resnet18"]
+num_classes = 10
+threads = 1
+baseline = true
+
+[timing]
+warmup = 0
+repeats = 1
+timeout_s = 300
+
+[[modules]]
+name = "coordatt"
+options = {reduction = 16}
+
+[[sweeps]]
+metrics = ["params"]
+resolutions = [64]
+batches = [1]
+modes = ["eval"]
+"""
+
+
+@pytest.mark.skipif(_command_missing("bench.runner"),
+                    reason="attnbench run (bench/runner.py) is not written yet")
+def test_cli_run_one_cell_matrix_and_report(tmp_path, capsys):
+    cfg = tmp_path / "plug.toml"
+    cfg.write_text(TINY)
+    results = tmp_path / "results"
+    # the config names a plugin module: without --plugin it is unknown
+    assert main(["run", str(cfg), "--results", str(results), "--no-progress"]) == 2
+    assert "coordatt" in capsys.readouterr().err
+    code = main(["run", "--plugin", str(COORDATT), str(cfg), "--results", str(results),
+                 "--run-id", "plug", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    import json
+    rows = [json.loads(l) for l in (results / "plug" / "rows.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["module"] == "coordatt" and r["metric"] == "params"]
+    assert mine and mine[0]["status"] == "ok", rows  # measured in a worker process
+    assert mine[0]["value"] == sum(p.numel() for p in
+                                   build_model("resnet18", "coordatt", num_classes=10,
+                                               reduction=16).parameters())
+    if _command_missing("bench.report"):
+        pytest.skip("attnbench report (bench/report.py) is not written yet")
+    code = main(["report", "--results", str(results), "--out", str(tmp_path / "reports"),
+                 "--run", "plug"])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    text = "".join(p.read_text() for p in (tmp_path / "reports").rglob("*.md"))
+    assert "coordatt" in text.lower()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_module("setuptools"), reason="needs setuptools to build the example")
+def test_pip_installed_example_is_found_by_entry_point(tmp_path):
+    """The example's pyproject.toml, built and installed (into a folder, not the venv)."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+                   check=True, cwd=tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "list"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("coordatt"))
+    assert "attnbench-coordatt" in line
