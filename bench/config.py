@@ -1,0 +1,612 @@
+"""Benchmark matrix configs (TOML) and their expansion into cells.
+
+A config names backbones x modules and one or more *sweeps*; each sweep says which
+metrics to take at which resolutions, batch sizes and modes. Top-level
+``resolutions`` / ``batches`` / ``modes`` / ``metrics`` are the defaults of every
+sweep; without ``[[sweeps]]`` the top level is the one sweep::
+
+    name = "example"                  # run-id stem (default: the file's stem)
+    device = "cpu"                    # "cpu", "cuda", "cuda:1"
+    backbones = ["resnet50"]
+    num_classes = 1000
+    threads = 2                       # torch threads in each cell (default: torch's)
+    amp = false                       # autocast for timing/memory (CUDA)
+    channels_last = false
+    baseline = true                   # add the plain backbone ("none") if not listed
+
+    [timing]
+    warmup = 2
+    repeats = 5
+    min_run_time = 0.0                # seconds of timed runs at least
+    interleave = true                 # time the modules of a comparison in rotated rounds
+    timeout_s = 600                   # per cell (per group when interleaved)
+
+    [[modules]]
+    name = "se"
+    [[modules]]
+    name = "td"
+    options = {variant = "top", steps = 2, m = 3}
+    stages = "paper-r50-m3"           # a preset, "all", a layer list or {3 = "all", 4 = 2}
+    backbones = ["resnet50"]          # only on these (default: every backbone)
+    label = "TDtop(T=2,m=3,paper)"    # the label in results (default: the registry's)
+
+    [[sweeps]]                        # FLOPs and latency over the whole sweep
+    metrics = ["flops", "latency"]
+    resolutions = {start = 168, stop = 448, step = 28}   # stop included
+    batches = [1]
+    modes = ["eval"]
+    [[sweeps]]
+    metrics = ["params", "latency", "memory"]
+    resolutions = [224]
+    batches = [8]
+    modes = ["eval", "train"]
+    repeats = 10                      # timing keys may be overridden per sweep
+
+Every cell measures one metric of one model at one resolution, batch and mode
+(``params`` / ``flops`` cells: batch 1, mode null). Its ``cell`` id is a short sha256
+of its canonical JSON keys, so the same cell in two runs (or two sweeps) has the same
+id. With ``interleave`` on, the latency cells of all modules sharing backbone,
+resolution, batch, mode and timing settings form one *group* (``cell["group"]``),
+timed together.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from modules.registry import AttnbenchError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+METRICS = ("params", "flops", "latency", "memory")
+STATIC_METRICS = ("params", "flops")
+MODES = ("eval", "train")
+
+TOP_KEYS = {"name", "description", "device", "backbones", "num_classes", "threads", "amp",
+            "channels_last", "baseline", "timing", "modules", "sweeps",
+            "resolutions", "batches", "modes", "metrics"}
+TIMING_KEYS = {"warmup", "repeats", "min_run_time", "interleave", "timeout_s"}
+MODULE_KEYS = {"name", "options", "stages", "backbones", "label"}
+SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMING_KEYS
+TIMING_DEFAULTS = {"warmup": 2, "repeats": 5, "min_run_time": 0.0, "interleave": True,
+                   "timeout_s": 600.0}
+
+#: the keys of a cell that :func:`bench.measure.measure_cell` receives
+MEASURE_KEYS = ("backbone", "module", "options", "stages", "resolution", "batch", "mode",
+                "device", "metrics", "warmup", "repeats", "min_run_time", "amp",
+                "channels_last", "threads", "num_classes")
+#: keys the ``--only`` filters accept
+FILTER_KEYS = ("module", "backbone", "resolution", "batch", "mode", "metric", "label")
+
+# blocks per stage, to check stage selections without building a model
+_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
+           "resnet101": [3, 4, 23, 3]}
+
+
+class ConfigError(AttnbenchError, ValueError):
+    """A config that cannot be read or does not validate."""
+
+
+@dataclass
+class ModuleEntry:
+    name: str                      # registry name or "none"
+    options: Dict[str, Any]        # full options (defaults filled in), canonical
+    stages: Any                    # as given (None: the module's default)
+    label: str
+    backbones: Optional[List[str]] = None   # only on these backbones (None: all)
+
+
+@dataclass
+class Sweep:
+    metrics: List[str]
+    resolutions: List[int]
+    batches: List[int]
+    modes: List[str]
+    backbones: List[str]
+    timing: Dict[str, Any]
+
+
+@dataclass
+class Config:
+    path: Optional[Path]
+    text: str
+    name: str
+    device: str
+    backbones: List[str]
+    num_classes: int
+    threads: Optional[int]
+    amp: bool
+    channels_last: bool
+    timing: Dict[str, Any]
+    modules: List[ModuleEntry]
+    sweeps: List[Sweep]
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "<config>"
+
+
+# --------------------------------------------------------------------------- loading
+
+def resolve_path(path: Any) -> Path:
+    """``"default"`` / ``"paper"`` / ``"tiny"`` (or any name of configs/*.toml) ->
+    the file in configs/; anything else is a path."""
+    p = Path(str(path))
+    if not p.suffix and not p.exists() and (CONFIG_DIR / f"{p.name}.toml").exists() \
+            and p.parent == Path("."):
+        return CONFIG_DIR / f"{p.name}.toml"
+    return p
+
+
+def load_config(path: Any) -> Config:
+    """Read and validate a config file (or a built-in name such as ``default``)."""
+    p = resolve_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        known = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.toml")))
+        raise ConfigError(f"{p}: no such config file (built-in configs: {known})") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err}") from err
+    return parse_config(text, p)
+
+
+def parse_config(text: str, path: Optional[Path] = None) -> Config:
+    where = str(path) if path else "<config>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where}: not valid TOML: {err}") from None
+    return _validate(data, text, path)
+
+
+class _Checker:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, msg: str) -> "ConfigError":
+        return ConfigError(f"{self.where}: {key}: {msg}")
+
+    def keys(self, table: Mapping[str, Any], allowed: Iterable[str], key: str) -> None:
+        allowed = set(allowed)
+        for k in table:
+            if k not in allowed:
+                from modules.registry import closest
+                near = closest(k, allowed)
+                hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
+                where = f"{key}.{k}" if key else k
+                raise self.fail(where, f"unknown key{hint}; known keys: "
+                                       f"{', '.join(sorted(allowed))}")
+
+    def int_(self, value: Any, key: str, minimum: int = 0) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self.fail(key, f"must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def num(self, value: Any, key: str, minimum: float = 0.0, strict: bool = False) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum \
+                or (strict and value == minimum):
+            op = ">" if strict else ">="
+            raise self.fail(key, f"must be a number {op} {minimum}, got {value!r}")
+        return float(value)
+
+    def bool_(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def str_list(self, value: Any, key: str, choices: Optional[Sequence[str]] = None) -> List[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"must be a non-empty list of strings, got {value!r}")
+        if choices is not None:
+            for v in value:
+                if v not in choices:
+                    raise self.fail(key, f"{v!r} is not one of {', '.join(choices)}")
+        return _unique(value)
+
+    def int_list(self, value: Any, key: str, minimum: int = 1) -> List[int]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"must be a non-empty list of integers, got {value!r}")
+        return _unique([self.int_(v, key, minimum) for v in value])
+
+    def resolutions(self, value: Any, key: str) -> List[int]:
+        if isinstance(value, dict):
+            self.keys(value, {"start", "stop", "step"}, key)
+            for k in ("start", "stop"):
+                if k not in value:
+                    raise self.fail(key, f"a range needs 'start' and 'stop' (and 'step'), "
+                                         f"got {value!r}")
+            start = self.int_(value["start"], f"{key}.start", 8)
+            stop = self.int_(value["stop"], f"{key}.stop", 8)
+            step = self.int_(value.get("step", 32), f"{key}.step", 1)
+            if stop < start:
+                raise self.fail(key, f"stop ({stop}) is below start ({start})")
+            return list(range(start, stop + 1, step))
+        return self.int_list(value, key, 8)
+
+
+def _unique(values: List[Any]) -> List[Any]:
+    out: List[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
+    import modules  # noqa: F401  (registers the built-in modules)
+    from modules.builder import BACKBONES
+    where = str(path) if path else "<config>"
+    ck = _Checker(where)
+    ck.keys(data, TOP_KEYS, "")
+
+    name = data.get("name", path.stem if path else "config")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ck.fail("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+    if "description" in data and not isinstance(data["description"], str):
+        raise ck.fail("description", "must be a string")
+    device = data.get("device", "cpu")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise ck.fail("device", f"must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    backbones = ck.str_list(data.get("backbones", ["resnet50"]), "backbones")
+    for b in backbones:
+        if b.lower() not in BACKBONES:
+            from modules.registry import unknown_name_message
+            raise ck.fail("backbones", unknown_name_message("backbone", b, BACKBONES))
+    backbones = [b.lower() for b in backbones]
+    num_classes = ck.int_(data.get("num_classes", 1000), "num_classes", 1)
+    threads = data.get("threads")
+    if threads is not None:
+        threads = ck.int_(threads, "threads", 1)
+    amp = ck.bool_(data.get("amp", False), "amp")
+    channels_last = ck.bool_(data.get("channels_last", False), "channels_last")
+    baseline = ck.bool_(data.get("baseline", True), "baseline")
+
+    timing_raw = data.get("timing", {})
+    if not isinstance(timing_raw, dict):
+        raise ck.fail("timing", "must be a table")
+    timing = _timing(ck, timing_raw, dict(TIMING_DEFAULTS), "timing")
+
+    mods_raw = data.get("modules")
+    if mods_raw is None:
+        raise ck.fail("modules", "missing: list the modules as [[modules]] tables "
+                                 "(name = \"se\", optional options and stages)")
+    if not isinstance(mods_raw, list) or not all(isinstance(m, dict) for m in mods_raw):
+        raise ck.fail("modules", "must be an array of tables ([[modules]] name = ...)")
+    entries: List[ModuleEntry] = []
+    for i, m in enumerate(mods_raw):
+        entry = _module_entry(ck, m, f"modules[{i}]", backbones)
+        if any(e.name == entry.name and e.options == entry.options and e.stages == entry.stages
+               and e.backbones == entry.backbones for e in entries):
+            raise ck.fail(f"modules[{i}]", f"{entry.label} is listed twice")
+        for e in entries:
+            shared = [b for b in backbones if (e.backbones is None or b in e.backbones)
+                      and (entry.backbones is None or b in entry.backbones)]
+            if e.label == entry.label and shared:
+                raise ck.fail(f"modules[{i}]", f"two modules are labelled {entry.label!r} on "
+                                               f"{shared[0]} (they differ in stages); give "
+                                               f"one a label = \"...\"")
+        entries.append(entry)
+    if baseline and not any(e.name == "none" for e in entries):
+        entries.insert(0, ModuleEntry("none", {}, None, "none"))
+    if not entries:
+        raise ck.fail("modules", "is empty")
+
+    defaults = {
+        "metrics": data.get("metrics", list(METRICS)),
+        "resolutions": data.get("resolutions", [224]),
+        "batches": data.get("batches", [1]),
+        "modes": data.get("modes", ["eval"]),
+        "backbones": backbones,
+    }
+    sweeps_raw = data.get("sweeps")
+    if sweeps_raw is None:
+        sweeps_raw = [{}]
+        prefix = ""
+    else:
+        if not isinstance(sweeps_raw, list) or not sweeps_raw or \
+                not all(isinstance(s, dict) for s in sweeps_raw):
+            raise ck.fail("sweeps", "must be a non-empty array of tables ([[sweeps]])")
+        prefix = "sweeps"
+    sweeps = []
+    for i, s in enumerate(sweeps_raw):
+        key = f"{prefix}[{i}]" if prefix else ""
+        ck.keys(s, SWEEP_KEYS, key)
+        k = (lambda name: f"{key}.{name}" if key and name in s else name)
+        merged = dict(defaults, **s)
+        sweep_backbones = ck.str_list(merged["backbones"], k("backbones"))
+        for b in sweep_backbones:
+            if b.lower() not in backbones:
+                raise ck.fail(k("backbones"), f"{b!r} is not one of the config's backbones "
+                                              f"({', '.join(backbones)})")
+        sweeps.append(Sweep(
+            metrics=ck.str_list(merged["metrics"], k("metrics"), METRICS),
+            resolutions=ck.resolutions(merged["resolutions"], k("resolutions")),
+            batches=ck.int_list(merged["batches"], k("batches"), 1),
+            modes=ck.str_list(merged["modes"], k("modes"), MODES),
+            backbones=[b.lower() for b in sweep_backbones],
+            timing=_timing(ck, {t: s[t] for t in TIMING_KEYS if t in s}, timing, key),
+        ))
+    return Config(path=path, text=text, name=name, device=device, backbones=backbones,
+                  num_classes=num_classes, threads=threads, amp=amp,
+                  channels_last=channels_last, timing=timing,
+                  modules=entries, sweeps=sweeps, raw=data)
+
+
+def _timing(ck: _Checker, raw: Mapping[str, Any], base: Dict[str, Any], key: str) -> Dict[str, Any]:
+    ck.keys(raw, TIMING_KEYS, key)
+    out = dict(base)
+    k = (lambda name: f"{key}.{name}" if key else name)
+    if "warmup" in raw:
+        out["warmup"] = ck.int_(raw["warmup"], k("warmup"), 0)
+    if "repeats" in raw:
+        out["repeats"] = ck.int_(raw["repeats"], k("repeats"), 1)
+    if "min_run_time" in raw:
+        out["min_run_time"] = ck.num(raw["min_run_time"], k("min_run_time"), 0.0)
+    if "interleave" in raw:
+        out["interleave"] = ck.bool_(raw["interleave"], k("interleave"))
+    if "timeout_s" in raw:
+        out["timeout_s"] = ck.num(raw["timeout_s"], k("timeout_s"), 0.0, strict=True)
+    return out
+
+
+def canonical_options(name: str, options: Mapping[str, Any]) -> Tuple[Dict[str, Any], str]:
+    """``(full options with defaults filled in, label)`` of module ``name`` as
+    :func:`modules.builder.build_model` would build it (``gate`` combinations included).
+    Raises the registry's errors for unknown names and bad options."""
+    from modules.builder import split_gate_options
+    from modules.registry import REGISTRY, OptionError
+    if name == "none":
+        if options:
+            raise OptionError(f"the plain backbone takes no options; got {sorted(options)}")
+        return {}, "none"
+    spec = REGISTRY.get(name)
+    rest = dict(options)
+    gate, gate_options = split_gate_options(rest)
+    if gate is not None and spec.kind != "conv":
+        raise OptionError(f"{spec.name}: option 'gate' combines a gate with a conv-kind "
+                          f"module (e.g. aw); {spec.name!r} is of kind {spec.kind!r}")
+    opts = spec.options(rest)
+    label = spec.display(opts)
+    if gate is not None:
+        gate_spec = REGISTRY.get(gate)
+        if gate_spec.kind != "gate":
+            raise OptionError(f"{spec.name}: gate={gate!r} is of kind {gate_spec.kind!r}, "
+                              f"not 'gate'")
+        gate_opts = gate_spec.options(gate_options)
+        label = f"{label}-{gate_spec.display(gate_opts)}"
+        opts["gate"] = gate_spec.name
+        if gate_opts:
+            opts["gate_options"] = gate_opts
+    return opts, label
+
+
+def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
+                  backbones: List[str]) -> ModuleEntry:
+    from modules.builder import resolve_stages
+    from modules.registry import REGISTRY
+    ck.keys(m, MODULE_KEYS, key)
+    if "name" not in m:
+        raise ck.fail(key, "missing 'name' (a registered module or \"none\")")
+    name = m["name"]
+    if not isinstance(name, str):
+        raise ck.fail(f"{key}.name", f"must be a string, got {name!r}")
+    name = name.lower()
+    options = m.get("options", {})
+    if not isinstance(options, dict):
+        raise ck.fail(f"{key}.options", f"must be a table, got {options!r}")
+    stages = m.get("stages")
+    only_on = None
+    if "backbones" in m:
+        only_on = [b.lower() for b in ck.str_list(m["backbones"], f"{key}.backbones")]
+        for b in only_on:
+            if b not in backbones:
+                raise ck.fail(f"{key}.backbones", f"{b!r} is not one of the config's "
+                                                  f"backbones ({', '.join(backbones)})")
+        backbones = only_on
+    try:
+        if name != "none":
+            REGISTRY.get(name)
+    except AttnbenchError as err:
+        raise ck.fail(f"{key}.name", str(err)) from None
+    try:
+        full, label = canonical_options(name, options)
+    except AttnbenchError as err:
+        raise ck.fail(f"{key}.options", str(err)) from None
+    if stages is not None:
+        if name == "none":
+            raise ck.fail(f"{key}.stages", "the plain backbone takes no stages")
+        spec = REGISTRY.get(name)
+        if spec.kind in ("network", "head"):
+            raise ck.fail(f"{key}.stages", f"a {spec.kind}-kind module ({name}) takes no stages")
+        for b in backbones:
+            counts = _BLOCKS.get(b)
+            if counts is None:
+                from modules.builder import block_counts
+                counts = block_counts(b)
+            fake = SimpleNamespace(**{f"layer{i + 1}": range(n) for i, n in enumerate(counts)})
+            try:
+                resolve_stages(fake, stages, spec, b)
+            except AttnbenchError as err:
+                raise ck.fail(f"{key}.stages", f"{err} (backbone {b})") from None
+            except Exception as err:  # noqa: BLE001 - a preset failing on its own
+                raise ck.fail(f"{key}.stages", f"{type(err).__name__}: {err} (backbone {b})") \
+                    from None
+    if "label" in m:
+        if not isinstance(m["label"], str) or not m["label"].strip():
+            raise ck.fail(f"{key}.label", f"must be a non-empty string, got {m['label']!r}")
+        label = m["label"].strip()
+    return ModuleEntry(name=name, options=full, stages=stages, label=label, backbones=only_on)
+
+
+# --------------------------------------------------------------------------- expansion
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=str)
+
+
+def short_hash(value: Any, n: int = 12) -> str:
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:n]
+
+
+def cell_id(cell: Mapping[str, Any]) -> str:
+    """Stable id of a cell: short sha of the canonical JSON of its measurement keys
+    (plus whether its latency is timed in an interleaved group)."""
+    keys = {k: cell.get(k) for k in MEASURE_KEYS}
+    keys["interleaved"] = bool(cell.get("group"))
+    return short_hash(keys)
+
+
+def expand(config: Config, only: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Every cell of ``config`` (deduplicated by id, in sweep order), filtered by
+    ``only`` (``["module=se,td", "resolution=224"]``)."""
+    cells: List[Dict[str, Any]] = []
+    seen = set()
+    for sweep in config.sweeps:
+        t = sweep.timing
+        for backbone in sweep.backbones:
+            for metric in sweep.metrics:
+                static = metric in STATIC_METRICS
+                for resolution in sweep.resolutions:
+                    batches = [1] if static else sweep.batches
+                    modes = [None] if static else sweep.modes
+                    for batch in batches:
+                        for mode in modes:
+                            group = None
+                            if metric == "latency" and t["interleave"]:
+                                group = "g" + short_hash(
+                                    [backbone, resolution, batch, mode, config.device, t,
+                                     config.amp, config.channels_last, config.threads,
+                                     config.num_classes], 10)
+                            for entry in config.modules:
+                                if entry.backbones is not None and \
+                                        backbone not in entry.backbones:
+                                    continue
+                                cell = {
+                                    "backbone": backbone, "module": entry.name,
+                                    "label": entry.label, "options": dict(entry.options),
+                                    "stages": entry.stages, "resolution": resolution,
+                                    "batch": batch, "mode": mode, "device": config.device,
+                                    "metrics": [metric], "warmup": t["warmup"],
+                                    "repeats": t["repeats"],
+                                    "min_run_time": t["min_run_time"], "amp": config.amp,
+                                    "channels_last": config.channels_last,
+                                    "threads": config.threads,
+                                    "num_classes": config.num_classes,
+                                    "timeout_s": t["timeout_s"], "group": group,
+                                }
+                                cell["cell"] = cell_id(cell)
+                                if cell["cell"] in seen:
+                                    continue
+                                seen.add(cell["cell"])
+                                cells.append(cell)
+    if only:
+        cells = apply_filters(cells, parse_filters(only), config.where)
+    return cells
+
+
+def parse_filters(only: Sequence[str]) -> Dict[str, List[str]]:
+    """``["module=se,td", "resolution=224"]`` -> ``{"module": ["se", "td"], ...}``
+    (repeated keys add values)."""
+    out: Dict[str, List[str]] = {}
+    for item in only:
+        key, sep, values = str(item).partition("=")
+        key = key.strip().lower()
+        if key.endswith("s") and key[:-1] in FILTER_KEYS:
+            key = key[:-1]
+        if not sep or not key or not values.strip():
+            raise ConfigError(f"--only {item!r}: expected KEY=VALUE[,VALUE...] "
+                              f"(keys: {', '.join(FILTER_KEYS)})")
+        if key not in FILTER_KEYS:
+            raise ConfigError(f"--only {item!r}: unknown key {key!r} "
+                              f"(keys: {', '.join(FILTER_KEYS)})")
+        out.setdefault(key, []).extend(v.strip() for v in values.split(",") if v.strip())
+    return out
+
+
+def _matches(cell: Mapping[str, Any], key: str, values: List[str]) -> bool:
+    if key == "metric":
+        actual = cell["metrics"][0]
+    else:
+        actual = cell.get(key)
+    if key == "mode" and actual is None:
+        return any(v.lower() in ("none", "null", "-") for v in values)
+    return str(actual).lower() in {v.lower() for v in values}
+
+
+def apply_filters(cells: List[Dict[str, Any]], filters: Mapping[str, List[str]],
+                  where: str = "<config>") -> List[Dict[str, Any]]:
+    """Keep the cells matching every filter (any of its values). A module filter keeps
+    the plain backbone of interleaved groups, their speed ratios' reference."""
+    for key, values in filters.items():
+        present = {str(c["metrics"][0] if key == "metric" else c.get(key)).lower()
+                   for c in cells}
+        missing = [v for v in values if v.lower() not in present
+                   and not (key == "mode" and v.lower() in ("none", "null", "-"))]
+        if missing:
+            raise ConfigError(f"{where}: --only {key}={','.join(missing)} matches no cell "
+                              f"(present: {', '.join(sorted(present))})")
+    kept = []
+    for cell in cells:
+        ok = True
+        for key, values in filters.items():
+            if key in ("module", "label") and cell["module"] == "none" and cell.get("group"):
+                continue
+            if not _matches(cell, key, values):
+                ok = False
+                break
+        if ok:
+            kept.append(cell)
+    # drop groups left with their baseline alone
+    groups: Dict[str, int] = {}
+    for c in kept:
+        if c.get("group") and c["module"] != "none":
+            groups[c["group"]] = groups.get(c["group"], 0) + 1
+    if any(k in filters for k in ("module", "label")):
+        kept = [c for c in kept if not (c.get("group") and c["module"] == "none"
+                                        and not groups.get(c["group"])
+                                        and not _module_selected(c, filters))]
+    return kept
+
+
+def _module_selected(cell: Mapping[str, Any], filters: Mapping[str, List[str]]) -> bool:
+    return all(_matches(cell, k, filters[k]) for k in ("module", "label") if k in filters)
+
+
+def units(cells: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """Cells grouped into units of work: one interleaved group, or one cell."""
+    out: List[List[Dict[str, Any]]] = []
+    index: Dict[str, int] = {}
+    for cell in cells:
+        g = cell.get("group")
+        if g:
+            if g in index:
+                out[index[g]].append(cell)
+                continue
+            index[g] = len(out)
+        out.append([cell])
+    return out
+
+
+def measure_args(cell: Mapping[str, Any]) -> Dict[str, Any]:
+    """The dict :func:`bench.measure.measure_cell` receives for ``cell``."""
+    return {k: cell[k] for k in MEASURE_KEYS if k in cell}
