@@ -213,12 +213,21 @@ class Cell:
         return text
 
 
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+          "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+          "^": r"\textasciicircum{}", DASH: "--", "—": "---", "²": r"$^2$", "×": r"$\times$",
+          "±": r"$\pm$", "−": r"$-$", "·": r"$\cdot$", "↔": r"$\leftrightarrow$",
+          "≠": r"$\neq$"}
+
+
 def latex_escape(text: str) -> str:
-    rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-           "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-           "^": r"\textasciicircum{}", DASH: "--", "²": r"$^2$", "×": r"$\times$",
-           "±": r"$\pm$"}
-    return "".join(rep.get(ch, ch) for ch in text)
+    """LaTeX for a plain text (Markdown code spans become ``\\texttt``)."""
+    parts = str(text).split("`")
+    out = []
+    for i, part in enumerate(parts):
+        esc = "".join(_LATEX.get(ch, ch) for ch in part)
+        out.append(f"\\texttt{{{esc}}}" if i % 2 == 1 and i < len(parts) - 1 else esc)
+    return "".join(out)
 
 
 class Notes:
@@ -281,8 +290,8 @@ class Table:
                  f"\\label{{tab:{self.key}}}", "\\small", body]
         if self.intro or self.notes:
             lines.append("\\par\\footnotesize")
-            lines += [latex_escape(" ".join(self.intro))] if self.intro else []
-            lines += [f"\\textsuperscript{{{n}}}{latex_escape(t)}" for n, t in self.notes]
+            lines += [latex_escape(" ".join(self.intro)) + "\\par"] if self.intro else []
+            lines += [f"\\textsuperscript{{{n}}}{latex_escape(t)}\\par" for n, t in self.notes]
         lines.append("\\end{table}")
         return "\n".join(lines) + "\n"
 
