@@ -362,10 +362,19 @@ def _command_missing(module):
 @pytest.mark.skipif(_command_missing("bench.cmd_profile"),
                     reason="attnbench profile (bench/cmd_profile.py) is not written yet")
 def test_cli_profile_with_plugin(capsys):
-    code = main(["profile", "resnet18", "coordatt", "--plugin", str(COORDATT)])
+    code = main(["profile", "resnet18", "coordatt", "--plugin", str(COORDATT),
+                 "--option", "reduction=16", "--num-classes", "10", "--resolution", "64",
+                 "--batch", "1", "--mode", "eval", "--repeats", "1", "--warmup", "0",
+                 "--no-memory"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "coordatt" in out.lower()
+    assert "resnet18 + coordatt" in out
+    attention = build_model("resnet18", "coordatt", num_classes=10, reduction=16)
+    plain = build_model("resnet18", num_classes=10)
+    extra = sum(p.numel() for p in attention.parameters()) - \
+        sum(p.numel() for p in plain.parameters())
+    line = next(l for l in out.splitlines() if l.startswith("attention params"))
+    assert str(extra) in line.replace(",", "")
 
 
 TINY = """
@@ -428,8 +437,11 @@ def test_cli_run_one_cell_matrix_and_report(tmp_path, capsys):
 def test_pip_installed_example_is_found_by_entry_point(tmp_path):
     """The example's pyproject.toml, built and installed (into a folder, not the venv)."""
     target = tmp_path / "site"
+    source = tmp_path / "src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info",
+                                                                   "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, cwd=tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
     out = subprocess.run([sys.executable, "-m", "bench.cli", "list"], env=env, cwd=tmp_path,
