@@ -437,10 +437,12 @@ def write_readme(gs: List[Group], all_sections, out: Path, command: str, results
         "by reading two reports side by side.",
         "- **FLOPs** are multiply-adds (GMac) per image — what the papers call FLOPs. The main "
         "column is fvcore; ptflops is shown beside it (counter and backend as recorded in the "
-        "`method` of each row, listed per run below). A note marks counters disagreeing by over 2 %.",
+        "`method` of each row, listed per run below). A note marks counters disagreeing by "
+        "over 2 %.",
         "- **Overhead** is relative to the plain backbone (module `none`) of the same run, "
         "backbone, device, resolution and batch: `+x.xx % (y.yyy×)`.",
-        "- **Memory** (MiB) is the peak of one eval forward / one train step, measured as the row's "
+        "- **Memory** (MiB) is the peak of one eval forward / one train step, measured as the "
+        "row's "
         "`method` says (CUDA allocator on a GPU, the named CPU method otherwise); **FPS** "
         "(img/s) = batch / median latency; **speed ratio** = throughput relative to `none` timed "
         "in the same interleaved rounds (robust to machine drift).",

@@ -140,6 +140,11 @@ def throughput_vs_params(points, base: Path, formats: Sequence[str], title: str,
             ax.margins(x=0.2, y=0.2)
             if last and ax.get_legend() is not None:
                 sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+                for text in ax.get_legend().get_texts():   # FLOPs with fixed decimals
+                    try:
+                        text.set_text(f"{float(text.get_text()):.3f}")
+                    except ValueError:
+                        pass
         _title(fig, title, subtitle)
         _footer(fig, ([f"marker area proportional to {flops_label}"] if has_size else [])
                 + [f"not plotted, failed: {f}" for f in failed])

@@ -491,7 +491,10 @@ RES_METRICS = {  # metric: (title, unit header, kind)
 }
 
 
-def resolution_keys(idx: Index) -> List[Tuple[str, str, Optional[str], Optional[int], Optional[str]]]:
+ResKey = Tuple[str, str, Optional[str], Optional[int], Optional[str]]
+
+
+def resolution_keys(idx: Index) -> List[ResKey]:
     """(backbone, metric, mode, batch, counter) of each cost-vs-resolution table (only where
     two or more resolutions were measured)."""
     keys = []
