@@ -227,7 +227,9 @@ def _fvcore_handles(tally: Counter) -> Dict[str, Any]:
 
 def count_fvcore(model: nn.Module, resolution: int = 224, rules: bool = True) -> FlopCount:
     """fvcore ``FlopCountAnalysis`` (JIT trace) at batch 1, ``resolution`` squared."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # torch.jit deprecation notices at import
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
     tally: Counter = Counter()
     x = _input(model, resolution)
     with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
@@ -442,8 +444,10 @@ def _einsum_macs(args, kwargs) -> int:
 
 def count_ptflops(model: nn.Module, resolution: int = 224, rules: bool = True) -> FlopCount:
     """ptflops ``get_model_complexity_info`` (pytorch backend, functional counting on)."""
-    from ptflops import get_model_complexity_info
-    from ptflops.pytorch_ops import MODULES_MAPPING
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from ptflops import get_model_complexity_info
+        from ptflops.pytorch_ops import MODULES_MAPPING
     x = _input(model, resolution)
     mode = _PtflopsRules(set(MODULES_MAPPING)) if rules else None
     sink = io.StringIO()
