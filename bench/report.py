@@ -245,7 +245,7 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
                 f = (idx.get(backbone, v, "flops", resolution=res, counter=counters[0])
                      if counters else T.Measure("missing"))
                 for mode in ("train", "eval"):
-                    t = idx.get(backbone, v, "throughput", mode=mode, resolution=res, batch=batch)
+                    t = T.cost_measure(idx, backbone, v, "throughput", mode, None, res, batch)
                     if t.status == "failed":
                         failed.append(f"{labels[v]} ({mode}): {t.error}")
                     if p.ok and t.ok:

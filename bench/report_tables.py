@@ -19,6 +19,7 @@ sorted, so the same rows always give the same bytes.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -54,9 +55,11 @@ def variant_sort_key(v: Variant):
 
 
 def counter_of(method: str) -> str:
-    """The FLOP counter (and backend) a ``flops`` row was counted with: the method's
-    first word (``fvcore``, ``ptflops-pytorch``, ...)."""
-    return (method or "unknown").split(" ")[0].split("(")[0] or "unknown"
+    """The FLOP counter (and backend) a ``flops`` row was counted with: the leading name of
+    its method (``fvcore``, ``ptflops-pytorch``; rules such as ``+rules(...)`` and notes
+    after it are dropped). ``""`` when the method is empty (a failed cell)."""
+    m = re.match(r"[A-Za-z0-9_.-]+", (method or "").strip())
+    return m.group(0) if m else ""
 
 
 def counter_sort_key(counter: str):
@@ -123,10 +126,12 @@ class Index:
         smallest batch measured (params and FLOPs are counted per image).
         ``any_resolution``: fall back to any resolution (parameter counts)."""
         cand = self.rows(backbone, variant, metric)
-        if mode is not None:
-            cand = [r for r in cand if r["mode"] == mode]
-        if counter is not None:
-            cand = [r for r in cand if counter_of(r["method"]) == counter]
+        if mode is not None:   # a failed cell without a mode failed for every mode
+            cand = [r for r in cand if r["mode"] == mode
+                    or (r["mode"] is None and r["status"] == "failed")]
+        if counter is not None:   # a failed row without a method failed for every counter
+            cand = [r for r in cand if counter_of(r["method"]) == counter
+                    or (counter_of(r["method"]) == "" and r["status"] == "failed")]
         if train_resolution is not None:
             cand = [r for r in cand if r.get("train_resolution") == train_resolution]
         if dataset is not None:
@@ -171,10 +176,11 @@ class Index:
     def counters(self, backbone: Optional[str] = None) -> List[str]:
         found = {counter_of(r["method"]) for r in self.records
                  if r["metric"] == "flops" and (backbone is None or r["backbone"] == backbone)}
-        return sorted(found, key=counter_sort_key)
+        return sorted(found - {""}, key=counter_sort_key)
 
     def flop_methods(self) -> List[str]:
-        return sorted({r["method"] for r in self.records if r["metric"] == "flops"},
+        return sorted({r["method"] for r in self.records if r["metric"] == "flops"
+                       and r["method"]},
                       key=lambda m: (counter_sort_key(counter_of(m)), m))
 
 
@@ -397,12 +403,18 @@ def _cost_columns(idx: Index, backbone: str):
     return cols
 
 
-def _get_cost(idx, backbone, v, metric, mode, counter, res, batch) -> Measure:
+def cost_measure(idx, backbone, v, metric, mode, counter, res, batch) -> Measure:
     if metric == "params":
         return idx.get(backbone, v, "params", resolution=res, any_resolution=True)
     if metric == "flops":
         return idx.get(backbone, v, "flops", resolution=res, counter=counter)
-    return idx.get(backbone, v, metric, mode=mode, resolution=res, batch=batch)
+    m = idx.get(backbone, v, metric, mode=mode, resolution=res, batch=batch)
+    if m.status == "missing" and metric in ("throughput", "speed_ratio"):
+        # a cell that failed as a whole is recorded under its first metric (latency)
+        lat = idx.get(backbone, v, "latency", mode=mode, resolution=res, batch=batch)
+        if lat.status == "failed":
+            return lat
+    return m
 
 
 def _disagreement_note(idx, backbone, v, res, label, counter) -> Optional[str]:
@@ -424,7 +436,7 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
     for v in variants:
         row = [Cell(labels[v]), Cell(backbone)]
         for header, metric, mode, counter, kind, scale in cols:
-            m = _get_cost(idx, backbone, v, metric, mode, counter, res, batch)
+            m = cost_measure(idx, backbone, v, metric, mode, counter, res, batch)
             cell = value_cell(m, kind, labels[v], tn, scale)
             if metric == "flops" and m.ok:
                 note = _disagreement_note(idx, backbone, v, res, labels[v], counter)
@@ -456,11 +468,11 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
     for v in variants:
         row = [Cell(labels[v]), Cell(backbone)]
         for header, metric, mode, counter, kind, scale in ocols:
-            m = _get_cost(idx, backbone, v, metric, mode, counter, res, batch)
+            m = cost_measure(idx, backbone, v, metric, mode, counter, res, batch)
             if ref_v is None:
                 ref = Measure("missing")
             else:
-                ref = _get_cost(idx, backbone, ref_v, metric, mode, counter, res, batch)
+                ref = cost_measure(idx, backbone, ref_v, metric, mode, counter, res, batch)
             row.append(overhead_cell(m, ref, v == ref_v, labels[v],
                                      labels.get(ref_v, "none") if ref_v else "none", tn2))
         orows.append(row)
@@ -505,13 +517,13 @@ def resolution_keys(idx: Index) -> List[ResKey]:
                 combos = [(None, None, counters[0])] if counters else []
             else:
                 combos = []
-                for mode in idx.values("mode", backbone, [metric]):
+                for mode in [m for m in idx.values("mode", backbone, [metric]) if m]:
                     for b in idx.values("batch", backbone, [metric], mode=mode):
                         combos.append((mode, b, None))
             for mode, b, counter in combos:
                 res = [r for r in idx.records if r["backbone"] == backbone and r["metric"] == metric
                        and (mode is None or r["mode"] == mode) and (b is None or r["batch"] == b)
-                       and (counter is None or counter_of(r["method"]) == counter)]
+                       and (counter is None or counter_of(r["method"]) in (counter, ""))]
                 if len({r["resolution"] for r in res}) >= 2:
                     keys.append((backbone, metric, mode, b, counter))
     return keys
@@ -686,7 +698,8 @@ def failures_table(idx: Index, device: str) -> Optional[Table]:
     for r in idx.records:
         if r["status"] != "failed":
             continue
-        key = (r["backbone"], variant_of(r), r["mode"] or "", r["resolution"], r["batch"],
+        mode = r["mode"] or ("all" if r["metric"] in TIMING_METRICS else "")
+        key = (r["backbone"], variant_of(r), mode, r["resolution"], r["batch"],
                r.get("error") or "failed (no reason recorded)")
         if r["metric"] not in groups[key]:
             groups[key].append(r["metric"])
@@ -709,4 +722,5 @@ def failures_table(idx: Index, device: str) -> Optional[Table]:
                  rows, ["left"] * 7,
                  [f"Every measurement of this run on `{device}` that failed, with the reason "
                   "recorded by the runner (the tables show these cells as "
-                  f"`{DASH}`; an empty mode, resolution or batch means not applicable)."])
+                  f"`{DASH}`; mode `all`: the whole cell failed, for every mode; an empty mode, "
+                  "resolution or batch means not applicable)."])

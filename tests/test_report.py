@@ -5,6 +5,7 @@ The fixture holds two runs:
   FLOPs (fvcore + ptflops) over the 168..448 sweep, latency/throughput/peak memory eval over
   the sweep and train at 224², speed ratios, top-1/top-5 over test resolutions (plus a
   model trained at 128²); TDjoint's train cell fails (timeout) and so does its eval at 448²;
+  CBAM fails as the runner records it (FLOP count raised; latency cell crashed, mode null);
 * ``20261123-090000-gpu`` on CUDA (H100): none / SE at 168, 224, 448, batch 32.
 """
 from __future__ import annotations
@@ -108,7 +109,7 @@ def test_cost_table_values_equal_stored_figures(out):
         assert num(row["FPS train (img/s)"]) == round(stored(
             CPU_RUN, label, "throughput", mode="train")["value"], 1)
     # the plain backbone first, then by label
-    assert [r[0] for r in t[1]] == ["none", "SE", TD]
+    assert [r[0] for r in t[1]] == ["none", "CBAM", "SE", TD]
 
 
 def test_overhead_columns(out):
@@ -143,11 +144,24 @@ def test_failed_cell_is_a_dash_with_its_reason_in_a_footnote(out):
     # the list of every failure
     fails = tables(md)["failures"]
     assert [(r[0], r[2], r[3], r[6]) for r in fails[1]] == [
+        ("CBAM", "", "224²", "RuntimeError: no counting rule for aten::_fused_cbam"),
+        ("CBAM", "all", "224²", "worker crashed (exit code -9)"),
         (TD, "eval", "448²", "timeout after 120 s"), (TD, "train", "224²", "timeout after 300 s")]
     assert "failures" not in tables(report_md(folder, GPU_RUN, "cuda"))
     # the FLOP counters' disagreement over 2 % is flagged on the ptflops figure
     m = re.fullmatch(r"[\d.]+\[\^(\d+)\]", td["FLOPs (G) ptflops-pytorch"])
     assert m and "disagree by 2.83 %" in notes[m.group(1)]
+    # failures as the runner records them: a failed FLOP count (one row per counter, the
+    # disagreement without a method) and a crashed cell (mode null, first metric only)
+    cbam = row_of(tables(md)["cost-resnet50-r224-b8"], "CBAM")
+    assert cbam["params (M)"] == "28.074"
+    for col, reason in (("FLOPs (G) fvcore", "no counting rule"),
+                        ("FLOPs (G) ptflops-pytorch", "no counting rule"),
+                        ("FPS train (img/s)", "worker crashed"), ("FPS eval (img/s)", "worker crashed"),
+                        ("speed ratio eval (×)", "worker crashed")):
+        m = re.fullmatch(r"–\[\^(\d+)\]", cbam[col])
+        assert m and reason in notes[m.group(1)], col
+    assert cbam["mem. eval (MiB)"] == "n/a"   # never measured
     # every footnote used is defined, right under its table
     assert set(re.findall(r"\[\^(\d+)\](?!:)", md)) == set(notes)
 
