@@ -122,7 +122,8 @@ def load(results_dir) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Any]]]:
         for col in ("resolution", "batch", "train_resolution"):
             r[col] = None if r.get(col) is None else int(r[col])
         r["value"] = None if r.get("value") is None else float(r["value"])
-        r["label"] = r["label"] or r["module"]
+        r["backbone"] = r["backbone"] or "unknown-backbone"   # e.g. an unreadable checkpoint
+        r["label"] = r["label"] or r["module"] or "unknown"
         r["mode"] = r["mode"] or None
         r["_order"] = i
         records.append(r)
@@ -333,7 +334,8 @@ def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, 
                 ds = f" on {dataset}" if dataset else ""
                 tr_text = f"{tr}²" if tr is not None else "unknown resolution"
                 name = T.metric_name(metric)
-                title = f"{name} accuracy vs test resolution — {backbone}{ds}, trained at {tr_text}"
+                title = (f"{name} accuracy vs test resolution — {backbone}{ds}, "
+                         f"trained at {tr_text}")
                 stem = f"{metric}-vs-resolution-{backbone}" + (
                     f"-{T.slug(dataset)}" if dataset else "") + f"-train{tr}"
                 files = P.accuracy_vs_resolution(

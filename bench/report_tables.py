@@ -625,13 +625,17 @@ def best_of(series: Dict[int, Measure]) -> Optional[Tuple[int, float]]:
     return sorted(ok, key=lambda x: (-x[1], x[0]))[0]
 
 
-def scaled(res: int, train_res: Optional[int]) -> Optional[int]:
-    """The test size standing for ``res`` (a 224²-trained column) for a model trained at
-    ``train_res``: res × train_res / 224 (None if not a whole number)."""
+def scaled(res: int, train_res: Optional[int], measured: Iterable[int] = ()) -> Optional[int]:
+    """The test size standing for ``res`` (a column of a 224²-trained model) for a model
+    trained at ``train_res``: the measured size nearest to res × train_res / 224 (the
+    robustness sweep rounds scaled sizes to multiples of 4), within 3 % or 2 px."""
     if train_res is None or train_res == REFERENCE_RES:
         return res
-    num = res * train_res
-    return num // REFERENCE_RES if num % REFERENCE_RES == 0 else None
+    target = res * train_res / REFERENCE_RES
+    near = sorted((abs(m - target), m) for m in measured if m is not None)
+    if near and near[0][0] <= max(2.0, 0.03 * target):
+        return near[0][1]
+    return None
 
 
 def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric: str,
@@ -653,7 +657,7 @@ def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric
         else:
             row += [Cell(fmt(best[1], metric)), Cell(res_text(best[0]))]
         for col in (224, 168, 448):
-            actual = scaled(col, tr)
+            actual = scaled(col, tr, ser.keys())
             m = ser.get(actual, Measure("missing")) if actual is not None else Measure("missing")
             cell = value_cell(m, metric, label, tn)
             if tr is not None and tr != REFERENCE_RES:
@@ -670,8 +674,8 @@ def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric
              "Best is the highest over every tested resolution and `best at` where it was reached."]
     if any_scaled:
         intro.append("Rows trained at R² other than 224² are scaled: their columns are the test "
-                     "sizes 0.75·R, R and 2·R (224² ↔ R², 168² ↔ 0.75·R, 448² ↔ 2·R); the actual "
-                     "size is in parentheses.")
+                     "sizes 0.75·R, R and 2·R (224² ↔ R², 168² ↔ 0.75·R, 448² ↔ 2·R); "
+                     "the actual size is in parentheses.")
     intro.append(f"{DASH} = failed (reason in the note), {MISSING} = not measured.")
     key = f"acc-{metric}-{backbone}" + (f"-{slug(dataset)}" if dataset else "")
     return Table(key, f"{metric_name(metric)} accuracy vs test resolution, {backbone}{ds}",

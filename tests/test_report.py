@@ -157,7 +157,8 @@ def test_failed_cell_is_a_dash_with_its_reason_in_a_footnote(out):
     assert cbam["params (M)"] == "28.074"
     for col, reason in (("FLOPs (G) fvcore", "no counting rule"),
                         ("FLOPs (G) ptflops-pytorch", "no counting rule"),
-                        ("FPS train (img/s)", "worker crashed"), ("FPS eval (img/s)", "worker crashed"),
+                        ("FPS train (img/s)", "worker crashed"),
+                        ("FPS eval (img/s)", "worker crashed"),
                         ("speed ratio eval (×)", "worker crashed")):
         m = re.fullmatch(r"–\[\^(\d+)\]", cbam[col])
         assert m and reason in notes[m.group(1)], col
@@ -317,3 +318,12 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(R.ReportError, match="unknown plot format"):
         R.parse_formats("png,gif")
     assert R.parse_formats("none") == ()
+
+
+def test_scaled_columns_take_the_nearest_measured_size():
+    from bench.report_tables import scaled
+    assert scaled(168, 224, [168]) == 168
+    assert scaled(168, 128, [96, 128, 256]) == 96
+    assert scaled(168, 100, [76, 100, 200]) == 76     # sweep rounded 75 to a multiple of 4
+    assert scaled(448, 100, [76, 100, 200]) == 200
+    assert scaled(448, 100, [76, 100, 180]) is None   # nothing close enough
