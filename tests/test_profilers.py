@@ -1,0 +1,391 @@
+"""Profilers: parameter counts, FLOP counters and their added rules, speed, memory,
+the measure_cell / measure_group glue and ``attnbench profile``.
+
+Small models and inputs throughout (resnet18, 32-64 px); the ResNet-50 FLOP checks
+against REFERENCE.md take a few seconds each. No timing assertions beyond sanity.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import flops, measure, memory, params, speed
+from modules.builder import build_model
+
+SCHEMA_COLUMNS = ("backbone", "module", "label", "options", "stages", "resolution", "batch",
+                  "mode", "device", "metric", "value", "unit", "method", "status", "error")
+
+
+# --------------------------------------------------------------------------- params
+
+def test_param_counts_resnet50_reference():
+    assert params.count_params(build_model("resnet50")) == 25_557_032
+    se = build_model("resnet50", "se")
+    assert params.count_params(se) == 28_071_976
+    assert params.attention_params(se, "resnet50", 1000) == 28_071_976 - 25_557_032
+
+
+def test_attention_params_same_num_classes_and_defaults_from_model():
+    m = build_model("resnet18", "se", num_classes=10)
+    plain = build_model("resnet18", num_classes=10)
+    expected = params.count_params(m) - params.count_params(plain)
+    assert expected > 0
+    assert params.attention_params(m, "resnet18", 10) == expected
+    assert params.attention_params(m) == expected            # from attnbench_config
+    assert params.attention_params(plain) == 0
+
+
+def test_count_params_counts_shared_parameters_once():
+    lin = nn.Linear(4, 4)
+    assert params.count_params(nn.Sequential(lin, lin)) == 20
+
+
+# --------------------------------------------------------------------------- flops
+
+@pytest.mark.parametrize("module, stock, reference", [
+    (None, 4.112, 4.112),   # plain ResNet-50: REFERENCE 4.112 G
+    ("se", 4.114, 4.120),   # our SE pools with mean(): stock fvcore skips it
+])
+def test_fvcore_resnet50_matches_reference(module, stock, reference):
+    m = build_model("resnet50", module)
+    with_rules = flops.count_fvcore(m, 224)
+    plain_fv = flops.count_fvcore(m, 224, rules=False)
+    assert with_rules.gmac == pytest.approx(reference, rel=0.005)
+    assert plain_fv.gmac == pytest.approx(reference, rel=0.005)
+    assert plain_fv.gmac == pytest.approx(stock, abs=0.0006)
+    # with the rules, SE's global pooling is counted: exactly REFERENCE's 4.120
+    assert with_rules.gmac == pytest.approx(reference, abs=0.0006)
+    assert with_rules.method.startswith("fvcore+rules(") and plain_fv.method == "fvcore"
+
+
+def test_ptflops_resnet50_plain_matches_reference():
+    pt = flops.count_ptflops(build_model("resnet50"), 224)
+    assert pt.gmac == pytest.approx(4.132, abs=0.001)
+    assert pt.method.startswith("ptflops-pytorch")
+
+
+class _PerSampleConv(nn.Module):
+    """AW-style: weights made per sample, one functional conv with groups = N."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+
+    def forward(self, x):
+        n = x.shape[0]
+        w = (self.weight * 1.5).repeat(n, 1, 1, 1)
+        y = F.conv2d(x.reshape(1, n * 3, *x.shape[2:]), w, padding=1, groups=n)
+        return y.view(n, 8, *y.shape[2:])
+
+
+class _Contraction(nn.Module):
+    """FCA's DCT pooling: element-wise product with fixed filters, summed over H, W."""
+
+    def __init__(self, c=3, s=8):
+        super().__init__()
+        self.register_buffer("dct", torch.randn(c, s, s))
+
+    def forward(self, x):
+        return (x * self.dct).sum((2, 3), keepdim=True)
+
+
+class _ChannelSum(nn.Module):
+    """TD eq. 7 written as a product and a channel sum: A = sum_c S_c X_c."""
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return (s * x).sum(1, keepdim=True)
+
+
+class _TransposedFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, 4, 4))  # (C_in, C_out, k, k)
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.weight, stride=2, padding=1)
+
+
+class _Bicubic(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+
+
+class _FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        self.bias = nn.Parameter(torch.zeros(3))
+        self.register_buffer("rm", torch.zeros(2, 3))
+        self.register_buffer("rv", torch.ones(2, 3))
+
+    def forward(self, x):  # multi-flow BN: statistics of flow 1
+        return F.batch_norm(x, self.rm[1], self.rv[1], self.weight, self.bias, False)
+
+
+# input (1, 3, 8, 8): 192 elements
+@pytest.mark.parametrize("module, counter, added", [
+    # fvcore counts functional grouped / transposed convs itself; ptflops needs the rule
+    (_PerSampleConv, "ptflops", 8 * 3 * 9 * 64),
+    (_TransposedFunctional, "ptflops", 3 * 4 * 16 * 64),
+    (_FunctionalBN, "ptflops", 2 * 192),
+    # the product-and-sum contraction: one multiply-add per product element
+    (_Contraction, "fvcore", 192),
+    (_Contraction, "ptflops", 192),
+    # mean pooling (192) + channel sum of S*X (192)
+    (_ChannelSum, "fvcore", 192 + 192),
+    (_ChannelSum, "ptflops", 192 + 192),
+    # bicubic: 16 per output element (fvcore lacks it; ptflops counts 1 per output)
+    (_Bicubic, "fvcore", 16 * 3 * 16 * 16),
+])
+def test_rule_adds_the_expected_count(module, counter, added):
+    count = flops.count_fvcore if counter == "fvcore" else flops.count_ptflops
+    m = module()
+    stock = count(m, 8, rules=False).macs
+    ruled = count(m, 8, rules=True)
+    assert ruled.macs - stock == added
+    assert sum(ruled.by_rule.values()) == added
+
+
+def test_stock_counters_on_functional_ops():
+    """What the rules are for: stock ptflops misses functional convs; fvcore has them."""
+    conv = _PerSampleConv()
+    assert flops.count_ptflops(conv, 8, rules=False).macs == 0
+    assert flops.count_fvcore(conv, 8, rules=False).macs == 8 * 3 * 9 * 64
+    assert flops.count_fvcore(_TransposedFunctional(), 8, rules=False).macs == 3 * 4 * 16 * 64
+
+
+def test_module_conv_not_counted_twice_by_ptflops_rules():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    stock = flops.count_ptflops(m, 8, rules=False)
+    ruled = flops.count_ptflops(m, 8, rules=True)
+    assert ruled.macs == stock.macs == 4 * 3 * 9 * 64 + 2 * 4 * 64
+    assert ruled.by_rule == {}
+
+
+def test_uncounted_ops_are_listed_and_contracted_products_are_not():
+    m = _Contraction()
+    fv = flops.count_fvcore(m, 8)
+    assert not any(u.startswith("aten::mul") for u in fv.uncounted)
+    gate = nn.Sequential(_Contraction(), nn.Sigmoid())
+    assert any("sigmoid" in u for u in flops.count_fvcore(gate, 8).uncounted)
+    assert any("sigmoid" in u for u in flops.count_ptflops(gate, 8).uncounted)
+
+
+def test_counting_restores_training_mode_and_patches():
+    m = build_model("resnet18", "se", num_classes=10).train()
+    flops.flops_both(m, 32)
+    assert all(mod.training for mod in m.modules())
+    assert not isinstance(F.relu, type(flops)) and F.relu.__module__ == "torch.nn.functional"
+    assert torch.Tensor.mul.__name__ == "mul"
+
+
+def test_flops_both_and_disagreement_flag():
+    both = flops.flops_both(build_model("resnet18", "se", num_classes=10), 32)
+    assert both.fvcore.gmac > 0 and both.ptflops.gmac > 0
+    assert both.disagreement_pct == pytest.approx(
+        100 * abs(both.ptflops.macs - both.fvcore.macs) / both.fvcore.macs)
+    assert not both.disagree and "DISAGREE" not in both.method
+    big = flops.FlopsBoth(both.fvcore, flops.FlopCount("ptflops-pytorch", both.fvcore.macs * 2,
+                                                       "ptflops-pytorch"), 100.0)
+    assert big.disagree and "DISAGREE" in big.method
+
+
+# --------------------------------------------------------------------------- speed
+
+def _tiny(module=None):
+    torch.manual_seed(0)
+    return build_model("resnet18", module, num_classes=10)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_time_model_stats_are_sane(mode):
+    s = speed.time_model(_tiny(), mode, batch=2, resolution=32, warmup=1, repeats=4,
+                         threads=1)
+    assert s.repeats == 4 and len(s.times_ms) == 4
+    assert all(math.isfinite(t) and t > 0 for t in s.times_ms)
+    assert s.p25_ms <= s.median_ms <= s.p75_ms
+    assert s.throughput == pytest.approx(2 / (s.median_ms / 1e3))
+    assert s.threads == 1 and "1 threads" in s.method
+    assert s.mode == mode and s.device == "cpu"
+
+
+def test_train_step_updates_weights_and_eval_does_not():
+    m = _tiny()
+    before = m.fc.weight.detach().clone()
+    speed.time_model(m, "eval", batch=2, resolution=32, warmup=0, repeats=1)
+    assert torch.equal(before, m.fc.weight)
+    speed.time_model(m, "train", batch=2, resolution=32, warmup=0, repeats=1)
+    assert not torch.equal(before, m.fc.weight)
+
+
+def test_quantile_linear_interpolation():
+    assert speed.quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert speed.quantile([1, 2, 3, 4], 0.25) == 1.75
+    assert speed.quantile([5], 0.75) == 5
+
+
+def test_interleaved_ratio_of_a_model_against_itself():
+    a = _tiny()
+    b = _tiny()
+    b.load_state_dict(a.state_dict())
+    res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=2, resolution=32,
+                                 warmup=1, rounds=6, threads=1)
+    assert res.baseline == "none"
+    assert [o[0] for o in res.orders] == ["none", "copy"] * 3       # rotated
+    assert res.ratios["none"].per_round == [1.0] * 6
+    r = res.ratios["copy"]
+    assert len(r.per_round) == 6 and r.p25 <= r.median <= r.p75
+    assert 0.33 < r.median < 3.0                                      # loose: shared CPU
+    for st in res.stats.values():
+        assert st.repeats == 6 and st.p25_ms <= st.median_ms <= st.p75_ms
+
+
+def test_interleaved_finds_plain_backbone_by_label():
+    res = speed.time_interleaved({"a": _tiny("se"), "b": _tiny()}, "eval", batch=1,
+                                 resolution=32, warmup=0, rounds=2)
+    assert res.baseline == "b"
+    assert speed.time_interleaved({"a": _tiny("se")}, "eval", batch=1, resolution=32,
+                                  warmup=0, rounds=1).ratios["a"] is None
+
+
+# --------------------------------------------------------------------------- memory
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_train_peak_exceeds_eval_peak_and_is_deterministic():
+    ev = memory.peak_memory(_small_cnn(), "eval", batch=4, resolution=32)
+    tr = memory.peak_memory(_small_cnn(), "train", batch=4, resolution=32)
+    assert ev.peak_mib > ev.start_mib > 0
+    param_bytes = params.count_params(_small_cnn()) * 4
+    input_bytes = 4 * 3 * 32 * 32 * 4
+    assert ev.start_bytes >= param_bytes + input_bytes
+    # eval: at least one 4x32x32x32 float activation on top of the start
+    assert ev.peak_bytes - ev.start_bytes >= 4 * 32 * 32 * 32 * 4
+    # a train step holds activations for backward, gradients and momentum buffers
+    assert tr.start_bytes >= ev.start_bytes + param_bytes          # + momentum
+    assert tr.peak_bytes > ev.peak_bytes + param_bytes             # + grads, saved maps
+    again = memory.peak_memory(_small_cnn(), "train", batch=4, resolution=32)
+    assert again.peak_bytes == tr.peak_bytes
+    assert tr.method.startswith("cpu.profiler-peak") and tr.mode == "train"
+
+
+def test_live_bytes_counts_shared_storage_once():
+    t = torch.zeros(256)
+    assert memory.live_bytes([t, t[:10], t.view(16, 16)]) == 1024
+
+
+# --------------------------------------------------------------------------- 4-D input
+
+def test_profilers_feed_4d_inputs_and_model_rejects_others():
+    m = _tiny()
+    step = speed.Step(m, "eval", batch=3, resolution=40)
+    assert step.x.shape == (3, 3, 40, 40) and step.y.shape == (3,)
+    assert flops._input(m, 40).shape == (1, 3, 40, 40)
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(3, 40, 40))
+
+
+# --------------------------------------------------------------------------- measure
+
+def _cell(**kw):
+    cell = dict(backbone="resnet18", module="se", options={"reduction": 16}, stages=None,
+                resolution=32, batch=2, mode="eval", device="cpu",
+                metrics=["params", "flops", "latency", "memory"], warmup=1, repeats=2,
+                threads=1, num_classes=10)
+    cell.update(kw)
+    return cell
+
+
+def test_measure_cell_rows_follow_the_schema():
+    rows = measure.measure_cell(_cell())
+    metrics = [r["metric"] for r in rows]
+    assert metrics == ["params", "params_attention", "flops", "flops", "flops_disagreement",
+                       "latency", "latency_p25", "latency_p75", "throughput", "peak_memory"]
+    units = {r["metric"]: r["unit"] for r in rows}
+    assert units == {"params": "count", "params_attention": "count", "flops": "GMac",
+                     "flops_disagreement": "%", "latency": "ms", "latency_p25": "ms",
+                     "latency_p75": "ms", "throughput": "img/s", "peak_memory": "MiB"}
+    for r in rows:
+        assert all(c in r for c in SCHEMA_COLUMNS), r
+        assert "run_id" not in r and "cell" not in r
+        assert r["status"] == "ok" and r["error"] == "" and math.isfinite(r["value"])
+        assert r["label"] == "SE" and r["options"] == '{"reduction":16}' and r["stages"] is None
+        assert r["mode"] == (None if r["metric"] in ("params", "params_attention", "flops",
+                                                     "flops_disagreement") else "eval")
+        json.dumps(r)
+    assert [r["method"].split("+")[0] for r in rows if r["metric"] == "flops"] == \
+        ["fvcore", "ptflops-pytorch"]
+    lat = {r["metric"]: r["value"] for r in rows}
+    assert lat["latency_p25"] <= lat["latency"] <= lat["latency_p75"]
+    assert next(r for r in rows if r["metric"] == "latency")["threads"] == 1
+
+
+def test_measure_cell_mode_none_measures_both_and_failures_are_rows():
+    rows = measure.measure_cell(_cell(metrics=["memory"], mode=None))
+    assert [r["mode"] for r in rows] == ["eval", "train"]
+    bad = measure.measure_cell(_cell(module="nope", metrics=["params", "flops"]))
+    assert [r["metric"] for r in bad] == ["params", "params_attention", "flops", "flops",
+                                          "flops_disagreement"]
+    for r in bad:
+        assert r["status"] == "failed" and r["value"] is None
+        assert "UnknownNameError" in r["error"] and all(c in r for c in SCHEMA_COLUMNS)
+
+
+def test_measure_group_speed_ratio_rows():
+    cells = [_cell(module="none", options={}, metrics=["latency"]),
+             _cell(metrics=["latency"])]
+    rows = measure.measure_group(cells)
+    by = {(r["module"], r["metric"]): r for r in rows}
+    for module in ("none", "se"):
+        for metric in ("latency", "latency_p25", "latency_p75", "throughput", "speed_ratio",
+                       "latency_ratio_p25", "latency_ratio_p75"):
+            r = by[(module, metric)]
+            assert r["status"] == "ok" and all(c in r for c in SCHEMA_COLUMNS)
+    assert by[("none", "speed_ratio")]["value"] == 1.0
+    se = by[("se", "speed_ratio")]
+    assert by[("se", "latency_ratio_p25")]["value"] <= se["value"] <= \
+        by[("se", "latency_ratio_p75")]["value"]
+    assert by[("se", "speed_ratio")]["unit"] == "x"
+    # without a plain cell the backbone is still timed, but returns no rows
+    only = measure.measure_group([_cell(metrics=["latency"], repeats=1)])
+    assert {r["module"] for r in only} == {"se"}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_profile_command_prints_one_table(capsys):
+    from bench.cli import main
+    rc = main(["profile", "resnet18", "se", "--resolution", "32", "--batch", "1",
+               "--no-speed", "--no-memory", "--option", "reduction=16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "FLOPs fvcore" in out and "FLOPs ptflops-pytorch" in out
+    assert "device: cpu" in out and "attention params" in out
+
+
+def test_profile_command_unknown_module_and_bad_option(capsys):
+    from bench.cli import main
+    assert main(["profile", "resnet18", "nope", "--no-speed"]) == 2
+    assert "unknown attention module" in capsys.readouterr().err
+    assert main(["profile", "resnet18", "se", "--option", "reduction"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_profile_paper_lookup_and_option_parsing():
+    from bench import cmd_profile
+    assert cmd_profile.paper_figures("resnet50", "SE", 28_071_976)[:2] == (28.07, 4.13)
+    assert cmd_profile.paper_figures("resnet50", "TDtop(T=2,m=3)", 27_789_352) is None
+    assert cmd_profile.paper_figures("resnet50", "TDtop(T=2,m=3)", 27_655_208)[1] == 5.98
+    assert cmd_profile.parse_options(["steps=2", "variant=top", "flag=true"]) == \
+        {"steps": 2, "variant": "top", "flag": True}
+    assert cmd_profile.parse_stages('{"3": [0, 1], "4": "all"}') == {"3": [0, 1], "4": "all"}
+    assert cmd_profile.parse_stages("paper") == "paper"
