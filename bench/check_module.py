@@ -99,6 +99,7 @@ class ModuleChecker:
         self.spec = None
         self.results: List[Check] = []
         self._attention_names: List[str] = []
+        self._forward_ok = True  # eval forward at the smallest resolution (later checks)
 
     # helpers ---------------------------------------------------------------
     def build(self, seed: Optional[int] = None) -> nn.Module:
@@ -159,6 +160,10 @@ class ModuleChecker:
         self._run("standalone", self.check_standalone)
         self._run("forward eval", self.check_forward_eval)
         self._run("forward train", self.check_forward_train)
+        if not self._forward_ok:
+            self._skip(rest[3:], f"the forward fails at {min(self.resolutions)}² "
+                                 f"(see 'forward eval')")
+            return self.results
         self._run("gradients", self.check_gradients)
         self._run("state_dict", self.check_state_dict)
         self._run("determinism", self.check_determinism)
@@ -273,6 +278,8 @@ class ModuleChecker:
                         out = model(x)
             except Exception as err:  # noqa: BLE001
                 bad.append(f"{res}²: {_error(err)}")
+                if not train and res == min(self.resolutions):
+                    self._forward_ok = False
                 continue
             if _shape(out) != (1, self.num_classes):
                 bad.append(f"{res}²: output shape {_shape(out)}, expected "
@@ -374,18 +381,30 @@ class ModuleChecker:
         return f"seed {self.seed}: identical outputs, eval and train"
 
     def check_dtype(self) -> str:
-        model = self.build().double().eval()
+        model = self.build()
+        loose = []
+        for mname, module in model.named_modules():
+            for key, value in vars(module).items():
+                items = value if isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(v, torch.Tensor) for v in items):
+                    loose.append(f"{mname}.{key}" if mname else key)
+        if loose:
+            raise _Fail(f"{self.name}: tensor attribute(s) that are neither parameters nor "
+                        f"buffers: {_few(loose)}; they stay behind on .to(device)/.double() "
+                        f"and out of the state_dict: register them with register_buffer (or "
+                        f"nn.Parameter / nn.ParameterList)")
+        model = model.double().eval()
         x = self.input(min(self.resolutions)).double()
         try:
             with torch.no_grad():
                 out = model(x)
         except Exception as err:  # noqa: BLE001
             raise _Fail(f"{self.name}: after model.double() the forward fails ({_error(err)}); "
-                        f"a tensor kept as a plain attribute does not follow .to()/.double()/"
-                        f".cuda(): register it with register_buffer") from None
+                        f"a tensor created in forward with a fixed dtype or device? use "
+                        f"x.new_tensor / torch.*(..., dtype=x.dtype, device=x.device)") from None
         if out.dtype != torch.float64:
             raise _Fail(f"{self.name}: after model.double() the output is {out.dtype}")
-        return "model.double() moves every tensor (a proxy for .to(device))"
+        return "no loose tensor attributes; model.double() runs (a proxy for .to(device))"
 
     def check_channels_last(self) -> str:
         model = self.build().eval()
