@@ -51,8 +51,21 @@ class DataError(AttnbenchError, ValueError):
     """Bad arguments for the dataset generator, or a folder that is not a dataset."""
 
 
-def class_names(num_classes: int) -> List[str]:
-    """The ``num_classes`` class names (``<shape>-<detail>``), in label order."""
+def class_names(num_classes) -> List[str]:
+    """The class names (``<shape>-<detail>``), in label order.
+
+    ``num_classes``: a count (the standard grid, see the module docstring) or a list
+    of names ``<shape>-<detail>`` chosen by hand (e.g. an easy task for a test).
+    """
+    if isinstance(num_classes, (list, tuple)):
+        names = [str(n) for n in num_classes]
+        bad = [n for n in names if n.partition("-")[0] not in SHAPES
+               or n.partition("-")[2] not in DETAILS]
+        if bad or len(set(names)) != len(names) or len(names) < 2:
+            raise DataError(f"make-data: class names must be >= 2 distinct <shape>-<detail> "
+                            f"with shape in {', '.join(SHAPES)} and detail in "
+                            f"{', '.join(DETAILS)}; got {names}")
+        return names
     if not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
         raise DataError(f"make-data: --classes must be between 2 and {MAX_CLASSES} "
                         f"({len(SHAPES)} shapes x {len(DETAILS)} details), got {num_classes!r}")
@@ -129,14 +142,19 @@ def _span(centre: float, radius: float, size: int) -> Tuple[int, int]:
 
 
 def draw_image(name: str, rng: np.random.Generator, size: int,
-               oversample: int = 4) -> Image.Image:
+               oversample: int = 4, nuisance: float = 1.0) -> Image.Image:
     """One RGB image of class ``name`` (``<shape>-<detail>``), ``size`` x ``size``.
 
     The background is smooth and drawn at ``size``; the object (shape and detail) is
     drawn at ``size * oversample`` and area-averaged to ``size``, i.e. each output pixel
     mixes fill, detail and background colours by the fraction of it they cover.
+    ``nuisance`` (0..1) scales the nuisance variation: position jitter, scale range
+    (object radius 0.29 +- 0.07 of the image), rotation, background blobs and pixel
+    noise; colours are always random (the fill is kept apart from the background).
+    The same random numbers are drawn whatever ``nuisance`` is.
     """
     shape, detail = name.split("-", 1)
+    k = float(min(max(nuisance, 0.0), 1.0))
     ys, xs = _grid(size)
     # background: two colours blended along a random direction, plus soft blobs
     c0, c1 = _colour(rng), _colour(rng)
@@ -147,11 +165,12 @@ def draw_image(name: str, rng: np.random.Generator, size: int,
         bx, by = rng.uniform(0, 1, 2)
         br = rng.uniform(0.05, 0.2)
         w = np.exp(-((xs - bx) ** 2 + (ys - by) ** 2) / (2 * br * br))[..., None]
-        img = img * (1 - 0.5 * w) + 0.5 * w * _colour(rng)
+        tint = _colour(rng)
+        img = img * (1 - 0.5 * k * w) + 0.5 * k * w * tint
     # the object: radius 0.22..0.36 of the image, centre kept inside
-    radius = rng.uniform(0.22, 0.36)
-    cx, cy = rng.uniform(radius, 1 - radius, 2)
-    rot = rng.uniform(0, 2 * math.pi)
+    radius = 0.29 + k * (rng.uniform(0.22, 0.36) - 0.29)
+    cx, cy = 0.5 + k * (rng.uniform(radius, 1 - radius, 2) - 0.5)
+    rot = k * rng.uniform(-math.pi, math.pi)
     # only the output pixels of the object's bounding box are drawn at high resolution
     lo_x, hi_x = _span(cx, radius, size)
     lo_y, hi_y = _span(cy, radius, size)
@@ -169,17 +188,20 @@ def draw_image(name: str, rng: np.random.Generator, size: int,
     a_in[lo_y:hi_y, lo_x:hi_x, 0] = _area(inside, oversample)
     a_det[lo_y:hi_y, lo_x:hi_x, 0] = _area(inside & _detail_mask(detail, u, v), oversample)
     fg = _colour(rng)
+    bg = img[lo_y:hi_y, lo_x:hi_x].reshape(-1, 3).mean(0)
+    if np.abs(fg - bg).max() < 0.3:  # too close to the background: move it away
+        fg = np.where(bg > 0.5, 0.5 * fg, 0.5 + 0.5 * fg)
     # the detail contrasts with the fill: shift every channel by 0.45..0.6
     delta = rng.uniform(0.45, 0.6) * np.where(fg > 0.5, -1.0, 1.0)
     det = np.clip(fg + delta, 0, 1)
     img = img * (1 - a_in) + fg * (a_in - a_det) + det * a_det
-    img = img * 255 + rng.normal(0, rng.uniform(2, 10), size=img.shape)
+    img = img * 255 + k * rng.normal(0, rng.uniform(2, 10), size=img.shape)
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
 def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: int = 30,
                  size: int = 96, seed: int = 0, oversample: int = 4,
-                 progress: bool = False) -> Dict[str, object]:
+                 nuisance: float = 1.0, progress: bool = False) -> Dict[str, object]:
     """Write the dataset to ``out`` (ImageFolder layout; see module docstring).
 
     ``train`` / ``val``: images per class. Returns the description written to
@@ -193,7 +215,8 @@ def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: in
     names = class_names(classes)
     out = Path(out)
     meta = {"generator": "attnbench.synthetic-shapes-v1", "classes": names, "train": train,
-            "val": val, "size": size, "seed": seed, "oversample": oversample}
+            "val": val, "size": size, "seed": seed, "oversample": oversample,
+            "nuisance": float(nuisance)}
     meta_path = out / "classes.json"
     if meta_path.exists():
         try:
@@ -217,7 +240,8 @@ def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: in
     for split, label, name, i in jobs:
         rng = np.random.default_rng([seed, SPLITS[split], label, i])
         path = out / split / name / f"{name}_{i:05d}.png"
-        draw_image(name, rng, size, oversample).save(path, format="PNG", optimize=False)
+        image = draw_image(name, rng, size, oversample, nuisance)
+        image.save(path, format="PNG", optimize=False)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -250,20 +274,29 @@ def register_cli(sub, parent) -> None:
                     "rotation, colours, background) in ImageFolder layout "
                     "OUT/{train,val}/<class>/*.png. No downloads.")
     p.add_argument("out", help="output folder")
-    p.add_argument("--classes", type=int, default=10,
-                   help=f"number of classes, 2..{MAX_CLASSES} (default 10)")
+    p.add_argument("--classes", type=_classes_arg, default=10,
+                   help=f"number of classes, 2..{MAX_CLASSES} (default 10), or a comma list "
+                        f"of <shape>-<detail> names")
     p.add_argument("--train", type=int, default=100, help="training images per class")
     p.add_argument("--val", type=int, default=30, help="validation images per class")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--oversample", type=int, default=4,
                    help="draw at this multiple of --size, then area-downsample (default 4)")
+    p.add_argument("--nuisance", type=float, default=1.0,
+                   help="0..1: strength of the nuisance variation (position, scale, "
+                        "rotation, blobs, noise); default 1")
     p.set_defaults(func=_run_cli)
+
+
+def _classes_arg(text: str):
+    text = text.strip()
+    return int(text) if text.isdigit() else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _run_cli(args) -> int:
     meta = make_dataset(args.out, args.classes, args.train, args.val, args.size, args.seed,
-                        args.oversample, progress=True)
+                        args.oversample, args.nuisance, progress=True)
     n = len(meta["classes"])
     print(f"{args.out}: {n} classes x ({args.train} train + {args.val} val) images of "
           f"{args.size}x{args.size} px, seed {args.seed}")
