@@ -1,4 +1,4 @@
-"""TD: top-down attention module (Jaiswal et al., TDAM, ECCV 2022 workshop; paper §3).
+"""TD: top-down attention module (Jaiswal, Fernando, Tan: TDAM; paper §3).
 
 A block-kind module: :class:`TDBlock` replaces a torchvision ``Bottleneck`` /
 ``BasicBlock`` and runs the last ``m`` of its conv-BN layers ("covered" layers)
@@ -53,8 +53,8 @@ from .registry import OptionError, register
 
 VARIANTS = ("joint", "top")
 
-PAPER = ("Jaiswal et al., TDAM: Top-Down Attention Module for Contextually Guided "
-         "Feature Selection in CNNs, ECCV 2022 (§3, eq. 1-8)")
+PAPER = ("Jaiswal, Fernando, Tan, TDAM: Top-Down Attention Module for Contextually "
+         "Guided Feature Selection in CNNs (§3, eq. 1-8)")
 
 # ResNet-101 layer3 blocks carrying TD in the paper's "TDjoint(t=2,m=1)" row. The
 # paper's text says "10 alternating blocks", but its 46.75 M parameters fit exactly
@@ -124,7 +124,6 @@ class TDBlock(nn.Module):
                 f"{type(block).__name__} ({len(names)} conv layers; "
                 f"m={len(names)} covers the whole residual body)")
         self.variant, self.steps, self.m, self.reduction = variant, steps, m, reduction
-        self.bottleneck = len(names) == 3
         for n in names:
             setattr(self, f"conv{n}", getattr(block, f"conv{n}"))
             setattr(self, f"bn{n}", getattr(block, f"bn{n}"))
