@@ -157,7 +157,8 @@ def run(args) -> int:
     n_params = P_.count_params(model)
     paper = paper_figures(args.backbone, label, n_params) if args.num_classes == 1000 else None
     p_params = f"{paper[0]:.2f} M" if paper else ""
-    p_flops = f"{paper[1]:.2f}" if paper and paper[1] is not None else ""
+    p_flops = f"{paper[1]:.2f}" if paper and paper[1] is not None \
+        and args.resolution == 224 else ""  # the papers count at 224px
     rows: List[List[Any]] = [
         ["params", _fmt_count(n_params), "count", p_params, "sum of parameter numel"],
         ["attention params", _fmt_count(P_.attention_params(model, args.backbone,

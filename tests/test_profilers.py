@@ -126,6 +126,17 @@ class _FunctionalBN(nn.Module):
         return F.batch_norm(x, self.rm[1], self.rv[1], self.weight, self.bias, False)
 
 
+class _Einsum(nn.Module):
+    def forward(self, x):
+        return torch.einsum("nchw,nchw->nhw", x, x)
+
+
+class _MatmulOperator(nn.Module):
+    def forward(self, x):  # (1, 3, 64) @ (1, 64, 3): 3 * 64 * 3 multiply-adds
+        v = x.flatten(2)
+        return v @ v.transpose(1, 2)
+
+
 # input (1, 3, 8, 8): 192 elements
 @pytest.mark.parametrize("module, counter, added", [
     # fvcore counts functional grouped / transposed convs itself; ptflops needs the rule
@@ -138,6 +149,8 @@ class _FunctionalBN(nn.Module):
     # mean pooling (192) + channel sum of S*X (192)
     (_ChannelSum, "fvcore", 192 + 192),
     (_ChannelSum, "ptflops", 192 + 192),
+    (_Einsum, "ptflops", 192),
+    (_MatmulOperator, "ptflops", 3 * 64 * 3),
     # bicubic: 16 per output element (fvcore lacks it; ptflops counts 1 per output)
     (_Bicubic, "fvcore", 16 * 3 * 16 * 16),
 ])
