@@ -304,6 +304,8 @@ class Table:
 
 def fmt(value: float, kind: str, sign: bool = False) -> str:
     """``value`` with the fixed decimals of ``kind`` (no negative zero)."""
+    if kind == "count":   # whole numbers with thousands separators
+        return f"{int(round(value)):+,}" if sign else f"{int(round(value)):,}"
     d = DECIMALS[kind]
     v = round(value, d)
     if v == 0:
@@ -466,7 +468,8 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
     ocols = [c for c in cols if c[1] != "speed_ratio"]
     orows = []
     for v in variants:
-        row = [Cell(labels[v]), Cell(backbone)]
+        added = idx.get(backbone, v, "params_attention", resolution=res, any_resolution=True)
+        row = [Cell(labels[v]), Cell(backbone), value_cell(added, "count", labels[v], tn2)]
         for header, metric, mode, counter, kind, scale in ocols:
             m = cost_measure(idx, backbone, v, metric, mode, counter, res, batch)
             if ref_v is None:
@@ -476,15 +479,16 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
             row.append(overhead_cell(m, ref, v == ref_v, labels[v],
                                      labels.get(ref_v, "none") if ref_v else "none", tn2))
         orows.append(row)
-    oheaders = ["method", "backbone"] + [c[0].split(" (")[0] + (" " + c[3] if c[3] else "")
-                                         for c in ocols]
-    oalign = ["left", "left"] + ["right"] * len(ocols)
+    oheaders = ["method", "backbone", "params added"] + [
+        c[0].split(" (")[0] + (" " + c[3] if c[3] else "") for c in ocols]
+    oalign = ["left", "left"] + ["right"] * (len(ocols) + 1)
     oheaders, oalign, orows = _drop_empty_columns(oheaders, oalign, orows, 2)
     ointro = [f"Change relative to the plain {backbone} (`none`) of the same run, device "
               f"(`{device}`), resolution ({res_text(res)}) and batch"
               f"{f' ({batch})' if batch is not None else ''}:",
               "`+x.xx % (y.yyy×)` = (figure / plain − 1) in percent and figure / plain.",
-              "For FPS below 1.000× means slower."]
+              "For FPS below 1.000× means slower.",
+              "`params added` = parameters the module adds to the plain backbone (count)."]
     if ref_v is None:
         ointro.append("No plain backbone (`none`) was measured in this group, "
                       "so no overhead can be given.")

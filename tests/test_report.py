@@ -118,7 +118,9 @@ def test_overhead_columns(out):
     se, none = row_of(t, "SE"), row_of(t, "none")
     # by hand: SE 28,071,976 vs plain 25,557,032 parameters -> x1.0984 = +9.84 %
     assert se["params"] == "+9.84 % (1.098×)"
-    assert set(v for k, v in none.items() if k not in ("method", "backbone")) == {"ref."}
+    assert se["params added"] == "2,514,944" and none["params added"] == "0"
+    assert set(v for k, v in none.items()
+               if k not in ("method", "backbone", "params added")) == {"ref."}
     # the rest from the stored figures: (figure / plain - 1) * 100 and figure / plain
     for col, metric, match in [("FPS eval", "throughput", {"mode": "eval", "resolution": 224}),
                                ("mem. train", "peak_memory", {"mode": "train"}),
