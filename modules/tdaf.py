@@ -42,8 +42,10 @@ Choices the paper leaves open (ours):
   slot n (slot 0 stays unused).
 * batch 1 in train mode on a 1x1 map (a single value per channel; PyTorch's BN
   raises): MFBN normalises with that flow's running statistics and leaves them
-  unchanged. At 168^2..448^2 this never happens (the smallest map, ANAR-7's
-  bottom at 168^2, is 2x2); it does for inputs below about 100^2.
+  unchanged. Every stage map is >= ceil(S/32) for an S^2 image (eq. 1 keeps deep
+  stages off the small flows) and ANAR-7's bottom >= ceil(S/128), so at
+  168^2..448^2 this never happens (smallest map 2x2); it does for S <= 128
+  (ANAR-7), <= 64 (ANAR-5), <= 32 (any).
 
 Budget (ResNet-50, 3 flows, fvcore at 224^2, batch 1): paper 29.9 M / 5.4 G for
 ANAR-3 (30.3 M / 5.8 G ANAR-5, 30.5 M / 5.8 G ANAR-7). Ours: 25,815,699 / 5.085 G
