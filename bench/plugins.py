@@ -87,6 +87,11 @@ def load_plugin(spec: str) -> ModuleType:
         path = os.path.abspath(os.path.expanduser(spec))
         if path in _file_modules:
             return _file_modules[path]
+        same = _imported_from(path)  # e.g. an installed plugin's file given again
+        if same is not None:
+            _file_modules[path] = same
+            _remember(path)
+            return same
         if not os.path.isfile(path):
             hint = "" if spec.endswith(".py") else " (a dotted module name has no '/')"
             raise PluginError(f"plugin file {spec!r} not found (looked for {path}){hint}")
@@ -147,6 +152,15 @@ def _entry_points():
     except TypeError:  # Python < 3.10
         eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
     return list(eps)
+
+
+def _imported_from(path: str) -> Optional[ModuleType]:
+    """A module already imported from the file ``path`` (importing it twice would clash)."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and os.path.abspath(file) == path:
+            return module
+    return None
 
 
 def _origin(name: str) -> Optional[str]:

@@ -94,6 +94,13 @@ def test_example_by_dotted_name(monkeypatch):
     forward_ok("coordatt")
 
 
+def test_file_of_an_already_imported_plugin_is_not_imported_again(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    module = plugins.load_plugin("attnbench_coordatt.coordatt")  # as an entry point would
+    assert plugins.load_plugin(str(COORDATT)) is module  # no clash with itself
+    assert plugins.loaded_plugins() == ["attnbench_coordatt.coordatt", str(COORDATT)]
+
+
 def test_same_file_name_in_two_folders(tmp_path):
     body = """
         from torch import nn
