@@ -514,6 +514,8 @@ def expand(config: Config, only: Optional[Sequence[str]] = None) -> List[Dict[st
                                     "num_classes": config.num_classes,
                                     "timeout_s": t["timeout_s"], "group": group,
                                 }
+                                if metric != "latency":  # timing does not apply
+                                    cell.update(warmup=None, repeats=None, min_run_time=None)
                                 cell["cell"] = cell_id(cell)
                                 if cell["cell"] in seen:
                                     continue

@@ -50,6 +50,11 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
+        try:  # mkstemp makes 0600 files: keep the old file's mode, else the umask's
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w", encoding=encoding, newline="\n") as fh:
             fh.write(text)
             fh.flush()
@@ -62,6 +67,12 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -248,9 +259,10 @@ def finished_cells(run_dir: PathLike, include_failed: bool = True) -> Dict[str, 
     return out
 
 
-def new_run_id(config_path: Optional[PathLike] = None, now=None) -> str:
-    """``<UTC YYYYmmdd-HHMMSS>-<config stem>``."""
+def new_run_id(config: Optional[PathLike] = None, now=None) -> str:
+    """``<UTC YYYYmmdd-HHMMSS>-<config stem>`` (``config``: a config name or a path)."""
     import datetime as _dt
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    stem = Path(config_path).stem if config_path else "run"
+    text = str(config) if config else "run"
+    stem = Path(text).stem if text.endswith(".toml") else Path(text).name
     return f"{now.strftime('%Y%m%d-%H%M%S')}-{stem}"

@@ -145,7 +145,8 @@ def _context(*measures: MeasureSpec):
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    preload = list(_PRELOAD)
+    # the profilers' imports for the default measure; an injected one brings its own
+    preload = list(_PRELOAD) if all(m is None for m in measures) else ["bench.runner"]
     for m in measures:
         if m is None:
             continue
@@ -375,11 +376,6 @@ def _find_latest(results_dir: Path, cfg: Config) -> Optional[Path]:
     return max(found)[2] if found else None
 
 
-def _new_run_id(name: str) -> str:
-    import datetime as _dt
-    return f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{name}"
-
-
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:g}" if seconds < 100 else f"{seconds:.0f}"
 
@@ -424,10 +420,10 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
             print(f"attnbench: no earlier run of {cfg.name!r} under {results_dir}; "
                   f"starting a new one", file=out)
     if run_id is None:
-        run_id = _new_run_id(cfg.name)
+        run_id = R.new_run_id(cfg.name)
         while (results_dir / run_id).exists() and not dry_run:
             time.sleep(1)
-            run_id = _new_run_id(cfg.name)
+            run_id = R.new_run_id(cfg.name)
     if not run_id or "/" in run_id or run_id in (".", ".."):
         raise RunnerError(f"bad run id {run_id!r}")
     run_dir = results_dir / run_id
@@ -485,6 +481,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
                 more = f" +{len(unit) - 1}" if len(unit) > 1 else ""
                 bar.set_description_str(describe(unit[0]) + more)
             limit = float(timeout if timeout is not None else unit[0]["timeout_s"])
+            started = time.monotonic()
             worker = Worker(measure, measure_group, plugins, log_path)
             kind, payload = worker.run(unit, limit)
             worker.close()
@@ -496,6 +493,9 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
                     new = failed_rows(unit, run_id, f"invalid measurement rows: {err}")
             else:
                 new = failed_rows(unit, run_id, str(payload))
+            wall = round(time.monotonic() - started, 3)
+            for r in new:  # wall time of the whole unit (worker start included)
+                r["unit_wall_s"] = wall
             ids = {c["cell"] for c in unit}
             rows = [r for r in rows if r["cell"] not in ids] + new
             R.write_rows(run_dir, rows)

@@ -251,10 +251,8 @@ def test_cli_ctrl_c_saves_finished_cells_and_exits_130(tmp_path, cfg):
     done = {r["cell"] for r in R.load_rows(rows)}
     assert len(done) == 15  # all but the 96 px latency group
     # the same --run-id resumes
-    res = subprocess.run(attnbench + args, cwd=REPO, capture_output=True, text=True,
-                         env=_cli_env(), timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "15 of 18 cells already done" in res.stdout
+    s = run_config(cfg, results_dir=tmp_path, run_id="r", **FAKE)
+    assert s.skipped == 15 and s.done == 3 and s.exit_code == 0
     final = R.load_rows(rows)
     assert len({r["cell"] for r in final}) == 18 and len(set(_keys(final))) == len(final)
 
