@@ -452,12 +452,12 @@ class ModuleChecker:
         if problems:
             raise _Fail(f"{self.name}: {counter}: {what}; " + "; ".join(problems))
         if by_convention:
-            what += ("; element-wise ops uncounted by convention: "
+            what += ("; uncounted by convention (element-wise, comparisons): "
                      + ", ".join(f"{op} x{new[op]}" for op in by_convention))
         return what
 
 
-# Element-wise ops (and max/min reductions) that both counters leave at zero by the
+# Element-wise ops and comparisons (max/min, max pooling) that both counters leave at zero by the
 # suite's convention (bench/flops.py): listed, never a failure.
 ELEMENTWISE = {
     "mul", "add", "sub", "div", "rsub", "neg", "sigmoid", "tanh", "exp", "log", "pow",
@@ -465,7 +465,9 @@ ELEMENTWISE = {
     "hardtanh", "hardswish", "hardsigmoid", "silu", "gelu", "elu", "leaky_relu", "softmax",
     "log_softmax", "max", "min", "amax", "amin", "maximum", "minimum", "reciprocal",
     "square", "erf", "floor", "ceil", "round", "sign", "masked_fill", "fill", "copy",
-    "truediv", "radd", "rmul", "rtruediv",
+    "truediv", "radd", "rmul", "rtruediv", "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "topk", "sort", "argmax", "argmin",
 }
 
 
