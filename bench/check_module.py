@@ -18,10 +18,11 @@ gradients      every parameter of the attention (not in the plain backbone) gets
 state_dict     rebuild with another seed, load (strict), save/load through bytes:
                identical outputs
 determinism    same seed -> same model and same outputs (eval and train)
-dtype/device   ``model.double()`` moves every tensor the module uses (a tensor kept
-               as a plain attribute instead of a buffer breaks ``.to("cuda")``)
+dtype/device   no tensor kept as a plain attribute (it would stay behind on
+               ``.to("cuda")`` and out of the state_dict); ``model.double()`` runs
 channels_last  works and agrees with the contiguous format (WARN only)
-flops fvcore   the module adds FLOPs, and no op of it goes uncounted
+flops fvcore   the module adds FLOPs, and none of its ops with multiply-adds goes
+               uncounted (element-wise ops and comparisons are uncounted by convention)
 flops ptflops  the same with ptflops
 =============  ==============================================================
 
