@@ -23,18 +23,20 @@ COMMAND_MODULES = [
 ]
 
 
-def _plugin_parent() -> argparse.ArgumentParser:
+def _plugin_parent(dest: str) -> argparse.ArgumentParser:
+    """``--plugin``, accepted before and after the subcommand (two dests, merged in main)."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+    parent.add_argument("--plugin", action="append", default=[], dest=dest,
+                        metavar="FILE_OR_MODULE",
                         help="load attention modules from a Python file or dotted module "
                              "name before running (repeatable)")
     return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parent = _plugin_parent()
+    parent = _plugin_parent("plugin_after")
     parser = argparse.ArgumentParser(
-        prog="attnbench", parents=[parent],
+        prog="attnbench", parents=[_plugin_parent("plugin")],
         description="Comparative benchmark suite for attention modules in CNNs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.plugin = list(args.plugin) + list(getattr(args, "plugin_after", []))
     from modules.registry import AttnbenchError
     try:
         from bench import plugins

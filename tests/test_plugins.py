@@ -340,11 +340,19 @@ def test_cli_bad_plugin_exits_2_with_message(tmp_path, capsys):
                           f"ModuleNotFoundError")
 
 
-@pytest.mark.xfail(reason="bench/cli.py: the subcommand's --plugin default [] overwrites a "
-                          "--plugin given before the subcommand (argparse sub-parser defaults)")
 def test_cli_plugin_before_the_subcommand(capsys):
     assert main(["--plugin", str(COORDATT), "list"]) == 0
     assert "coordatt" in capsys.readouterr().out
+
+
+def test_cli_plugins_before_and_after_the_subcommand_both_load(tmp_path, capsys):
+    other = write(tmp_path, "other_gate.py",
+                  "from torch import nn\nfrom modules.registry import register\n"
+                  "@register('othergate', 'gate')\nclass G(nn.Identity):\n"
+                  "    def __init__(self, channels):\n        super().__init__()\n")
+    assert main(["--plugin", str(COORDATT), "list", "--plugin", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "coordatt" in out and "othergate" in out
 
 
 def test_cli_list_shows_the_plugin(capsys):
