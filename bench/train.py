@@ -385,45 +385,48 @@ def register_cli(sub, parent) -> None:
         description="Train a torchvision ResNet with one registered attention module on an "
                     "ImageFolder dataset (DIR/train/<class>, DIR/val/<class>): "
                     "RandomResizedCrop+flip, SGD with momentum, linear warm-up + cosine LR, "
-                    "label smoothing, AMP on CUDA. Writes a checkpoint every epoch "
-                    "(--resume continues it).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "label smoothing, AMP on CUDA. Writes a checkpoint every epoch; "
+                    "--resume CKPT continues it (settings not given on the command line "
+                    "are taken from the checkpoint).")
     d = TrainConfig()
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
-    p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--module", default=d.module, help="registered module name, or none")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="module option (repeatable); values parsed as JSON, else strings")
-    p.add_argument("--stages", default=None,
-                   help="stage selection as JSON (e.g. '[3,4]'), 'all' or a preset name; "
-                        "default: the module's default stages")
-    p.add_argument("--resolution", type=int, default=d.resolution, help="training resolution")
-    p.add_argument("--crop-pct", type=float, default=d.crop_pct,
-                   help="validation: resize to int(res/crop_pct), centre-crop res")
-    p.add_argument("--rrc-scale", default="0.08,1.0",
-                   help="RandomResizedCrop area scale range LO,HI")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="on weights (not on biases / BN)")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--out", default=d.out, help="checkpoint path (rewritten every epoch)")
+    S = argparse.SUPPRESS
+
+    def add(flag, help_, default=None, **kw):
+        text = help_ + (f" (default: {default})" if default is not None else "")
+        p.add_argument(flag, default=S, help=text, **kw)
+
+    add("--data", "ImageFolder root with train/ and val/ (required unless --resume)")
+    add("--backbone", "torchvision ResNet", d.backbone)
+    add("--module", "registered module name, or none", d.module)
+    p.add_argument("--option", action="append", default=S, metavar="KEY=VALUE",
+                   help="module option (repeatable); values parsed as JSON, else strings "
+                        "(e.g. --option variant=joint --option steps=2)")
+    add("--stages", "stage selection as JSON (e.g. '[3,4]'), 'all' or a preset name",
+        "the module's default stages")
+    add("--resolution", "training resolution", d.resolution, type=int)
+    add("--crop-pct", "validation: resize to int(res/crop_pct), centre-crop res", d.crop_pct,
+        type=float)
+    add("--rrc-scale", "RandomResizedCrop area scale range LO,HI", "0.08,1.0")
+    add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=int)
+    add("--batch-size", "batch size", d.batch_size, type=int)
+    add("--lr", "peak learning rate (after warm-up)", d.lr, type=float)
+    add("--momentum", "SGD momentum", d.momentum, type=float)
+    add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=float)
+    add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=float)
+    add("--label-smoothing", "CrossEntropyLoss label smoothing", d.label_smoothing,
+        type=float)
+    add("--out", "checkpoint path, rewritten every epoch", f"{d.out}, or --resume's path")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue training from this checkpoint (same model and data)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
-    p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--limit-batches", type=int, default=None,
-                   help="at most this many batches per epoch (smoke tests)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="validate every N epochs (and after the last)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is much faster on "
-                        "an oversubscribed machine)")
+    add("--device", "cpu, cuda or cuda:N", d.device)
+    p.add_argument("--amp", action="store_true", default=S,
+                   help="float16 autocast + GradScaler (CUDA only; ignored on the CPU)")
+    add("--workers", "DataLoader workers", d.workers, type=int)
+    add("--seed", "seed", d.seed, type=int)
+    add("--limit-batches", "at most this many batches per epoch (smoke tests)", type=int)
+    add("--eval-every", "validate every N epochs (and after the last)", d.eval_every, type=int)
+    add("--threads", "torch CPU threads (1 is much faster on an oversubscribed machine)",
+        "torch's choice", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_cli)
     from . import data
@@ -431,17 +434,30 @@ def register_cli(sub, parent) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    stages = args.stages
-    if stages is not None:
-        stages = parse_value(stages)
-    try:
-        lo, hi = (float(x) for x in str(args.rrc_scale).split(","))
-    except ValueError:
-        raise TrainError(f"--rrc-scale {args.rrc_scale!r}: expected LO,HI (e.g. 0.08,1.0)") \
-            from None
+    """Command-line values, else (with ``--resume``) the checkpoint's, else defaults."""
+    given = {k: v for k, v in vars(args).items()}
     names = {f.name for f in fields(TrainConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    kw.update(options=parse_options(args.option), stages=stages, rrc_scale=[lo, hi])
+    kw: Dict[str, Any] = {}
+    if given.get("resume"):
+        from .checkpoint import read_checkpoint
+        saved = read_checkpoint(given["resume"]).get("args") or {}
+        kw.update({k: v for k, v in saved.items() if k in names})
+        kw["out"] = given["resume"]
+    if "stages" in given:
+        given["stages"] = parse_value(given["stages"])
+    if "rrc_scale" in given:
+        try:
+            lo, hi = (float(x) for x in str(given["rrc_scale"]).split(","))
+        except ValueError:
+            raise TrainError(f"--rrc-scale {given['rrc_scale']!r}: expected LO,HI "
+                             f"(e.g. 0.08,1.0)") from None
+        given["rrc_scale"] = [lo, hi]
+    if "option" in given:
+        given["options"] = parse_options(given["option"])
+    kw.update({k: v for k, v in given.items() if k in names and k != "resume"})
+    kw["resume"] = given.get("resume")
+    if not kw.get("data"):
+        raise TrainError("train: --data DIR is required (unless --resume names a checkpoint)")
     return TrainConfig(**kw)
 
 

@@ -205,3 +205,14 @@ def test_cli_train_smoke(tiny_data, tmp_path, capsys):
     model, ck = load_checkpoint(out)
     assert ck["model_config"]["options"] == {"reduction": 8}
     assert ck["args"]["limit_batches"] == 1 and ck["history"][0]["images"] == 8
+    # --resume alone: model, data and settings come from the checkpoint; --epochs extends
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    model, ck = load_checkpoint(out)
+    assert ck["epoch"] == 2 and ck["model_config"]["options"] == {"reduction": 8}
+    assert len(ck["history"]) == 2 and ck["args"]["resolution"] == 32
+    assert "resumed" in capsys.readouterr().out
+    from modules.registry import AttnbenchError
+    with pytest.raises(AttnbenchError, match="--data"):
+        from bench.train import config_from_args
+        import argparse
+        config_from_args(argparse.Namespace(resume=None))
