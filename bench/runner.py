@@ -12,6 +12,9 @@ timeout in one unit is recorded as ``failed`` rows and the run goes on:
   SIGKILL...``;
 * no answer within the timeout: the worker is killed, ``timeout after N s``.
 
+Rows get two extra columns: ``unit_wall_s`` (wall time of the unit, worker start
+included) and ``unit_cpu_s`` (CPU seconds of its worker, all threads).
+
 After every unit the rows of its cells replace any earlier rows of the same cell ids in
 ``results/<run_id>/rows.jsonl`` (atomic rewrite), so a stop at any point loses at most the
 unit in progress. A run is resumed with ``--resume`` (latest run of that config) or the
@@ -124,7 +127,7 @@ def _worker_main(conn, measure: MeasureSpec, measure_group: MeasureSpec,
                 rows = []
                 for a in args:
                     rows.extend(cell_fn(a))
-            conn.send(("rows", [dict(r) for r in rows]))
+            conn.send(("rows", [dict(r) for r in rows], _cpu_seconds()))
         except BaseException as err:  # noqa: BLE001 - anything a cell raises is its failure
             traceback.print_exc()
             sys.stdout.flush()
@@ -155,6 +158,15 @@ def _context(*measures: MeasureSpec):
             preload.append(name)
     ctx.set_forkserver_preload(preload)  # takes effect when the server first starts
     return ctx
+
+
+def _cpu_seconds() -> Optional[float]:
+    try:
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return round(ru.ru_utime + ru.ru_stime, 3)
+    except Exception:  # noqa: BLE001 - not on this platform
+        return None
 
 
 class Worker:
@@ -211,11 +223,14 @@ class Worker:
         return f"worker process exited with status {code}"
 
     def run(self, cells: List[Dict[str, Any]], timeout: float):
+        """``("rows", rows, cpu seconds of the worker)``, ``("error", text, None)`` or
+        ``("failed", text, None)`` (died, timed out)."""
         try:
             self.conn.send(cells)
         except (OSError, EOFError, BrokenPipeError):
-            return "failed", self._death()
-        return self._receive(timeout, "unit")
+            return "failed", self._death(), None
+        msg = self._receive(timeout, "unit")
+        return tuple(msg) + (None,) * (3 - len(msg))
 
     def alive(self) -> bool:
         return self.proc.is_alive()
@@ -399,7 +414,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
 
     ``measure`` / ``measure_group``: callables or ``"module:function"`` strings
     (default ``bench.measure.measure_cell`` / ``measure_group``, imported in the worker);
-    callables must be importable module-level functions (the worker is spawned). With
+    callables must be importable module-level functions (pickled by reference). With
     ``measure`` alone, grouped cells are measured one by one. ``max_units`` stops after
     that many units (as if interrupted, exit code 130); ``after_unit(n)`` is called after
     each persisted unit (tests raise KeyboardInterrupt from it).
@@ -463,7 +478,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
     R.atomic_write_text(run_dir / R.CONFIG_FILE, cfg.text)
     if summary.skipped:
         print(f"attnbench: resuming {run_dir}: {summary.skipped} of {len(cells)} cells "
-              f"already done", file=out)
+              f"already done", file=out, flush=True)
 
     log_path = run_dir / "worker.log"
     worker: Optional[Worker] = None
@@ -483,7 +498,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
             limit = float(timeout if timeout is not None else unit[0]["timeout_s"])
             started = time.monotonic()
             worker = Worker(measure, measure_group, plugins, log_path)
-            kind, payload = worker.run(unit, limit)
+            kind, payload, cpu = worker.run(unit, limit)
             worker.close()
             worker = None
             if kind == "rows":
@@ -494,8 +509,9 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
             else:
                 new = failed_rows(unit, run_id, str(payload))
             wall = round(time.monotonic() - started, 3)
-            for r in new:  # wall time of the whole unit (worker start included)
+            for r in new:  # the whole unit's wall time (worker start included), CPU time
                 r["unit_wall_s"] = wall
+                r["unit_cpu_s"] = cpu
             ids = {c["cell"] for c in unit}
             rows = [r for r in rows if r["cell"] not in ids] + new
             R.write_rows(run_dir, rows)
@@ -533,7 +549,8 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
                                     f"{r['resolution']}px b{r['batch']} {r['mode'] or ''} "
                                     f"{r['metric']}: {r['error']}")
     summary.wall_s = time.monotonic() - t0
-    _print_summary(summary, cfg, only, out)
+    shown = str(config) if not isinstance(config, Config) else str(cfg.path or "CONFIG")
+    _print_summary(summary, shown, only, results_dir, out)
     return summary
 
 
@@ -554,7 +571,8 @@ def _write_env(run_dir: Path, cfg: Config, run_id: str) -> None:
     R.write_env(run_dir, env)
 
 
-def _print_summary(s: RunSummary, cfg: Config, only: Sequence[str], out) -> None:
+def _print_summary(s: RunSummary, config: str, only: Sequence[str], results_dir: Path,
+                   out) -> None:
     rows_path = s.run_dir / R.ROWS_FILE
     print(f"\nattnbench run {s.run_id}: {s.ok} cells ok, {s.failed} failed, "
           f"{s.cells - s.ok - s.failed} not run "
@@ -565,14 +583,15 @@ def _print_summary(s: RunSummary, cfg: Config, only: Sequence[str], out) -> None
         print(f"  FAILED {line}", file=out)
     if len(s.failures) > 20:
         print(f"  ... and {len(s.failures) - 20} more failed rows", file=out)
+    extra = "".join(f" --only {o}" for o in only)
+    if str(results_dir) != "results":
+        extra += f" --results {results_dir}"
     if s.failures:
-        print(f"  (worker log: {s.run_dir / 'worker.log'}; retry with --resume "
-              f"--run-id {s.run_id} --retry-failed)", file=out)
+        print(f"  (tracebacks: {s.run_dir / 'worker.log'}; to retry: attnbench run {config} "
+              f"--run-id {s.run_id}{extra} --retry-failed)", file=out)
     if s.interrupted:
-        where = cfg.path if cfg.path else "CONFIG"
-        extra = "".join(f" --only {o}" for o in only)
         print(f"interrupted: every finished cell is saved. Resume with:\n"
-              f"  attnbench run {where} --run-id {s.run_id}{extra}", file=out)
+              f"  attnbench run {config} --run-id {s.run_id}{extra}", file=out)
 
 
 # --------------------------------------------------------------------------- command line

@@ -165,7 +165,7 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path, cfg, monkeypat
     assert {(r["module"], r["resolution"]) for r in ok if r["metric"] == "latency"} == \
         {(m, 64) for m in ("none", "se", "eca")}
     out = capsys.readouterr().out
-    assert "12 cells ok, 6 failed" in out and "FAILED" in out and "--retry-failed" in out
+    assert "12 cells ok, 6 failed" in out and "FAILED" in out and "--retry-failed" in out and "--run-id r" in out
 
     # resume: failed cells stay failed unless --retry-failed
     monkeypatch.delenv("ATTNBENCH_FAKE")
