@@ -1,22 +1,23 @@
 """Offline, procedurally drawn image-classification data (``attnbench make-data``).
 
-No downloads: every image is drawn with numpy at ``oversample`` times the output
-size and downsampled with PIL (box filter, i.e. area averaging, like a camera), then
-written as PNG in torchvision's ImageFolder layout::
+No downloads: every image is drawn with numpy -- the smooth background at the output
+size, the object at ``oversample`` times the output size and area-averaged down (each
+pixel mixes colours by the fraction it covers, like a camera) -- and written as PNG in
+torchvision's ImageFolder layout::
 
     OUT/train/<class>/<class>_00000.png ...
     OUT/val/<class>/<class>_00000.png ...
     OUT/classes.json            (class names, the parameters and the seed)
 
-A class is a combination of a **shape** (circle, square, triangle, diamond, hexagon,
-star) and a **fine detail** painted inside it (3 stripes, 7 stripes, a 4x4 grid of
-dots). The detail is what makes the test resolution matter: 7 stripe periods across
-an object of 44..72 % of the image need at least 2 * 7 / 0.44 = 32 pixels to be
-resolved at all (several times that to be seen clearly), so at low resolution they
-blur into a flat fill, while the shape survives. Nuisances
-vary per image: position, scale, rotation (the detail rotates with the shape),
-foreground/detail/background colours, a low-frequency background gradient, blobs
-and pixel noise.
+A class is a combination of a **shape** (circle, square, triangle, cross, star,
+hexagon; all distinct under rotation) and a **fine detail** painted inside it
+(3 stripes, 7 stripes, a 4x4 grid of dots). The detail is what makes the test
+resolution matter: 7 stripe periods across an object of 44..72 % of the image need
+at least 2 * 7 / 0.44 = 32 pixels to be resolved at all (several times that to be
+seen clearly), so at low resolution they blur into a flat fill, while the shape
+survives. Nuisances vary per image: position, scale, rotation (the detail rotates
+with the shape), foreground/detail/background colours, a low-frequency background
+gradient, blobs and pixel noise.
 
 Classes, in order, for ``K`` classes: the detail kinds used are ``1`` if ``K <= 3``
 else ``2`` if ``K <= 12`` else ``3``; the shapes used are ``ceil(K / details)``;
@@ -41,7 +42,7 @@ from PIL import Image
 
 from modules.registry import AttnbenchError
 
-SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
+SHAPES = ("circle", "square", "triangle", "cross", "star", "hexagon")
 DETAILS = ("stripes3", "stripes7", "dots4")
 SPLITS = {"train": 0, "val": 1}
 MAX_CLASSES = len(SHAPES) * len(DETAILS)
@@ -83,8 +84,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return u * u + v * v <= 1.0
     if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= 0.78
-    if shape == "diamond":
-        return np.abs(u) + np.abs(v) <= 1.0
+    if shape == "cross":  # a plus sign: two bars of half-width 0.33
+        au, av = np.abs(u), np.abs(v)
+        return (np.minimum(au, av) <= 0.33) & (np.maximum(au, av) <= 0.95)
     r = np.hypot(u, v)
     a = np.arctan2(v, u)
     if shape == "triangle":   # regular polygon with n sides: r*cos(wrapped angle) <= apothem
@@ -214,7 +216,7 @@ def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: in
             raise DataError(f"make-data: --{key} must be an integer >= {lo}, got {value!r}")
     names = class_names(classes)
     out = Path(out)
-    meta = {"generator": "attnbench.synthetic-shapes-v1", "classes": names, "train": train,
+    meta = {"generator": "attnbench.synthetic-shapes-v2", "classes": names, "train": train,
             "val": val, "size": size, "seed": seed, "oversample": oversample,
             "nuisance": float(nuisance)}
     meta_path = out / "classes.json"

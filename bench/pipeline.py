@@ -79,12 +79,12 @@ def parse_models(text: Optional[str]) -> List[Tuple[str, str, Dict[str, Any]]]:
 
 
 def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" = "results", *,
-             resolution: int = 64, classes: int = 10, train_per_class: int = 60,
-             val_per_class: int = 20, epochs: int = 6, batch_size: int = 32, lr: float = 0.05,
+             resolution: int = 64, classes: int = 10, train_per_class: int = 80,
+             val_per_class: int = 30, epochs: int = 8, batch_size: int = 32, lr: float = 0.02,
              warmup_epochs: float = 1.0, backbone: str = "resnet18",
              models: Optional[Sequence[Tuple[str, str, Dict[str, Any]]]] = None,
              device: str = "cpu", threads: Optional[int] = None, seed: int = 0,
-             nuisance: float = 0.5, rrc_scale: Sequence[float] = (0.25, 1.0),
+             nuisance: float = 0.3, rrc_scale: Sequence[float] = (0.25, 1.0),
              run_id: Optional[str] = None, progress: bool = True, log=print) -> Dict[str, Any]:
     """Run the whole demo; returns ``{"rows", "run_dir", "trained", "failed", "seconds"}``."""
     from bench.results import append_rows, new_run_id
@@ -218,16 +218,16 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--run-id", default=None)
     p.add_argument("--resolution", type=int, default=64, help="training resolution R")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train", type=int, default=60, help="training images per class")
-    p.add_argument("--val", type=int, default=20, help="validation images per class")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--train", type=int, default=80, help="training images per class")
+    p.add_argument("--val", type=int, default=30, help="validation images per class")
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--models", default=None,
                    help="comma list of none,se,cbam,fca,td (default: all five), or "
                         "'name=module:{json options}' items separated by ';'")
-    p.add_argument("--nuisance", type=float, default=0.5,
+    p.add_argument("--nuisance", type=float, default=0.3,
                    help="strength of the dataset's nuisance variation (0..1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", default="auto",

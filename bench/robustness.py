@@ -245,7 +245,9 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
                 loader = torch.utils.data.DataLoader(
                     images, batch_size=batch_size, shuffle=False, num_workers=workers,
                     pin_memory=dev.type == "cuda")
-                acc = evaluate(model, loader, device, use_amp, topk=5)
+                acc = evaluate(model, loader, device, use_amp, topk=5,
+                               progress=progress and len(loader) > 1,
+                               desc=f"{label} {res}px")
             except Exception as err:  # noqa: BLE001 - one failing size must not stop the rest
                 msg = f"{type(err).__name__}: {err}"
                 if "out of memory" in str(err).lower():

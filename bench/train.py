@@ -6,8 +6,9 @@ Standard ImageNet-style recipe on any torchvision ImageFolder (``DIR/train/<clas
 * train: ``RandomResizedCrop(res, scale=(0.08, 1))`` + horizontal flip; val:
   ``Resize(int(res / crop_pct))`` (shorter side) + ``CenterCrop(res)``; ImageNet
   mean/std normalisation;
-* SGD with momentum (weight decay on every parameter), a per-step learning-rate
-  schedule (``torch.optim.lr_scheduler.LambdaLR``): linear warm-up from 0 over
+* SGD with momentum (weight decay on conv/linear weights, not on biases and BN),
+  peak LR ``--lr`` (default 0.1 x batch / 256, the linear scaling rule), a per-step
+  learning-rate schedule (``torch.optim.lr_scheduler.LambdaLR``): linear warm-up over
   ``--warmup-epochs``, then cosine decay to 0 at the last step;
 * ``CrossEntropyLoss(label_smoothing=...)``; AMP (float16 autocast + GradScaler) on
   CUDA only;
@@ -144,7 +145,7 @@ class TrainConfig:
     rrc_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 0.1
+    lr: Optional[float] = None  # None: 0.1 * batch_size / 256 (linear scaling rule)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
@@ -164,7 +165,7 @@ class TrainConfig:
             if int(getattr(self, key)) < 1:
                 raise TrainError(f"--{key.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(self, key)!r}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -179,6 +180,10 @@ class TrainConfig:
             raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise TrainError("--device cuda: no CUDA device is available here")
+
+    @property
+    def peak_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else 0.1 * self.batch_size / 256
 
     def model_config(self, num_classes: int) -> Dict[str, Any]:
         return {"backbone": self.backbone, "attention": self.module, "stages": self.stages,
@@ -259,7 +264,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum)
+        lr=cfg.peak_lr, momentum=cfg.momentum)
     loader_gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen,
@@ -409,7 +414,7 @@ def register_cli(sub, parent) -> None:
     add("--rrc-scale", "RandomResizedCrop area scale range LO,HI", "0.08,1.0")
     add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=int)
     add("--batch-size", "batch size", d.batch_size, type=int)
-    add("--lr", "peak learning rate (after warm-up)", d.lr, type=float)
+    add("--lr", "peak learning rate (after warm-up)", "0.1 * batch-size / 256", type=float)
     add("--momentum", "SGD momentum", d.momentum, type=float)
     add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=float)
     add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=float)
