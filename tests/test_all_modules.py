@@ -35,6 +35,7 @@ def sweep(backbone, name, opts, resolutions):
     extra = attention_parameters(model, backbone)
     if name is not None:
         assert extra, f"{name} adds no parameters of its own"
+    moved = set()  # attention parameters that got a non-zero gradient at least once
     for res in resolutions:
         for batch in (1, 2):
             x = torch.randn(batch, 3, res, res)
@@ -51,8 +52,10 @@ def sweep(backbone, name, opts, resolutions):
             for n, p in model.named_parameters():
                 assert p.grad is not None, f"{name} {res}^2 b{batch}: no gradient for {n}"
                 assert torch.isfinite(p.grad).all(), f"non-finite gradient for {n}"
-            for n, p in extra.items():
-                assert p.grad.abs().sum() > 0, f"{name} {res}^2 b{batch}: zero gradient for {n}"
+            moved |= {n for n, p in extra.items() if p.grad.abs().sum() > 0}
+    # A ReLU bottleneck with few hidden units can be all-zero for one sample (then that
+    # sample gives no gradient to the first FC), so non-zero is required over the sweep.
+    assert moved == set(extra), f"{name}: zero gradient throughout for {set(extra) - moved}"
 
 
 @pytest.mark.parametrize("variant", variants(), ids=_ids)
