@@ -31,8 +31,9 @@ if no check FAILs (WARN and SKIP do not fail).
 """
 from __future__ import annotations
 
+from bench.cli_args import parse_options, parse_stages, parse_value  # noqa: F401
+
 import io
-import json
 import time
 import warnings
 from collections import Counter
@@ -502,37 +503,6 @@ def _uncounted(items: Sequence[str]) -> Counter:
 
 
 # --------------------------------------------------------------------------- command line
-def parse_value(text: str) -> Any:
-    """``--option`` value: JSON (``16``, ``0.5``, ``true``, ``[3,4]``, ``"x"``) or a bare string."""
-    low = text.strip()
-    if low in ("True", "False"):
-        return low == "True"
-    try:
-        return json.loads(low)
-    except ValueError:
-        return text
-
-
-def parse_options(items: Sequence[str]) -> Dict[str, Any]:
-    from modules.registry import OptionError
-    out: Dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"--option {item!r}: expected KEY=VALUE (e.g. reduction=8)")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
-def parse_stages(text: Optional[str]) -> Any:
-    if text is None:
-        return None
-    value = parse_value(text)
-    if isinstance(value, str) and "," in value:
-        return [int(v) for v in value.split(",") if v.strip()]
-    return value
-
-
 def register_cli(sub, parent) -> None:
     p = sub.add_parser(
         "check-module", parents=[parent], help="conformance checks for an attention module",

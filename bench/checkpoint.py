@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from bench.results import atomic_write
 
 import torch
 from torch import nn
@@ -154,20 +155,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, *, optimizer=None, schedul
     if extra:
         ckpt.update(plain(dict(extra)))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(ckpt, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda fh: torch.save(ckpt, fh), binary=True)
     return path
 
 

@@ -3,8 +3,9 @@ ptflops), latency/throughput and peak memory in one table, beside the papers' fi
 where a paper reports this exact configuration."""
 from __future__ import annotations
 
+from bench.cli_args import parse_options, parse_stages, parse_value  # noqa: F401
+
 import argparse
-import json
 import platform
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -81,30 +82,6 @@ def register_cli(sub, parent) -> None:
                    help="FLOPs with the counters' stock rules only (REFERENCE.md's fvcore "
                         "convention) instead of attnbench's added rules")
     p.set_defaults(func=run)
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_options(items: List[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"--option {item!r}: expected KEY=VALUE (e.g. steps=2)")
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
-def parse_stages(text: Optional[str]) -> Any:
-    if text is None:
-        return None
-    value = parse_value(text)
-    return value
 
 
 def device_label(device: str, threads: Optional[int] = None) -> str:

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from modules.registry import AttnbenchError
 
@@ -42,10 +42,10 @@ class ResultsError(AttnbenchError):
 
 # --------------------------------------------------------------------------- writing
 
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder,
-    flushed and fsynced, then ``os.replace``. On any failure the old file (if any) is
-    left untouched and the temporary file is removed."""
+def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Write ``path`` atomically: ``write(fh)`` fills a temporary file in the same folder,
+    which is flushed, fsynced and then moved over ``path`` with ``os.replace``. On any
+    failure the old file (if any) is left untouched and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
@@ -55,8 +55,10 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
         except OSError:
             mode = 0o666 & ~_umask()
         os.chmod(tmp, mode)
-        with os.fdopen(fd, "w", encoding=encoding, newline="\n") as fh:
-            fh.write(text)
+        opener = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8",
+                                                                newline="\n")
+        with opener as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -67,6 +69,11 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda fh: fh.write(text))
 
 
 def _umask() -> int:

@@ -20,8 +20,9 @@ Standard ImageNet-style recipe on any torchvision ImageFolder (``DIR/train/<clas
 """
 from __future__ import annotations
 
+from bench.cli_args import parse_options, parse_stages, parse_value  # noqa: F401
+
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -365,24 +366,6 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
 
 
 # --------------------------------------------------------------------------- CLI
-
-def parse_value(text: str) -> Any:
-    """``2`` -> 2, ``0.5`` -> 0.5, ``true`` -> True, ``joint`` -> "joint" (JSON, else str)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_options(items: Sequence[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TrainError(f"--option {item!r}: expected KEY=VALUE (e.g. reduction=8)")
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
 
 def register_cli(sub, parent) -> None:
     p = sub.add_parser(
