@@ -6,8 +6,10 @@ is made deterministic (fixed ``svg.hashsalt``, no date in the metadata).
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -99,55 +101,194 @@ def _res_axis(ax, resolutions: Sequence[int], label: str = "input resolution (px
 
 
 def _footer(fig: Figure, lines: Sequence[str]) -> None:
+    """Caption lines right under the axes (and any legend below them), left-aligned; as the
+    figure's ``supxlabel`` the constrained layout makes room for it."""
     if lines:
-        fig.text(0.01, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="0.3")
+        fig.supxlabel("\n".join(lines), x=0.01, ha="left", fontsize=8, color="0.3")
+
+
+def _flops_unit(label: str) -> str:
+    """'FLOPs (G, fvcore)' -> 'FLOPs (GMac, fvcore)': the counters count multiply-adds."""
+    return re.sub(r"^FLOPs \(G(?=[,)])", "FLOPs (GMac", label)
+
+
+def _size_ticks(lo: float, hi: float) -> List[Tuple[float, str]]:
+    """Representative FLOPs values for the size key, as ``(value, text)``: min, middle and
+    max rounded to the precision that their spread calls for; min and max only when they
+    differ by less than 5 %; one value when they are (nearly) equal."""
+    if not (hi > lo * (1 + 1e-6)):
+        v = float(f"{hi:.3g}")
+        return [(v, f"{v:g}")]
+    dec = max(0, int(-math.floor(math.log10((hi - lo) / 3.0))))
+    out: Dict[str, float] = {}
+    close = hi - lo < 0.05 * hi            # markers would look alike: the two ends only
+    for v in ((lo, hi) if close else (lo, (lo + hi) / 2.0, hi)):
+        r = round(v, dec)
+        if r <= 0:
+            r = float(f"{v:.2g}")
+            out.setdefault(f"{r:g}", r)
+        else:
+            out.setdefault(f"{r:.{dec}f}", r)
+    return [(v, t) for t, v in out.items()]
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _label_points(fig: Figure, ax, pts: Sequence[Tuple[str, float, float, float]],
+                  renderer) -> None:
+    """Label each point ``(text, x, y, marker_area_pt2)`` so that labels overlap neither each
+    other nor the markers: points are taken top to bottom (then left to right); each label
+    tries above, below, right, left, the four diagonals, then further above/below (with a
+    leader line), and takes the first spot that collides with nothing placed so far and stays
+    inside the axes, else the spot with the least overlap. Deterministic (no randomness)."""
+    from matplotlib.transforms import Bbox
+    px = fig.dpi / 72.0
+    frame = ax.get_window_extent(renderer)
+    markers_bb = []
+    for _, x, y, s in pts:
+        cx, cy = ax.transData.transform((x, y))
+        r = 0.886 * (math.sqrt(max(s, 0.0)) / 2.0 + 0.6) * px   # square of the disc's area
+        markers_bb.append(Bbox.from_extents(cx - r, cy - r, cx + r, cy + r))
+    order = sorted(range(len(pts)), key=lambda i: (-pts[i][2], pts[i][1], pts[i][0]))
+    placed: List = []
+    for i in order:
+        text, x, y, s = pts[i]
+        r = math.sqrt(max(s, 0.0)) / 2.0 + 2.0          # points, marker radius + gap
+        d = r * 0.72
+        cands = [((0, r), "center", "bottom"), ((0, -r), "center", "top"),
+                 ((r + 1, 0), "left", "center"), ((-r - 1, 0), "right", "center"),
+                 ((d, d), "left", "bottom"), ((-d, d), "right", "bottom"),
+                 ((d, -d), "left", "top"), ((-d, -d), "right", "top")]
+        cands += [((0, sgn * (r + 10 * k)), "center", "bottom" if sgn > 0 else "top")
+                  for k in (1, 2, 3, 4) for sgn in (1, -1)]
+        ann = ax.annotate(text, (x, y), xytext=cands[0][0], textcoords="offset points",
+                          fontsize=8, color="0.25", ha="center", va="bottom")
+        best = None
+        for j, (off, ha, va) in enumerate(cands):
+            ann.xyann = off
+            ann.set_ha(ha)
+            ann.set_va(va)
+            bb = ann.get_window_extent(renderer).padded(2.5 * px)
+            cost = sum(_overlap(bb, o) for o in placed)
+            cost += sum(_overlap(bb, m) for k, m in enumerate(markers_bb) if k != i)
+            cost += bb.width * bb.height - _overlap(bb, frame)     # outside the axes
+            if best is None or cost < best[0]:
+                best = (cost, j, bb)
+            if cost <= 0.02 * bb.width * bb.height:               # grazing counts as free
+                break
+        cost, j, bb = best
+        (off, ha, va) = cands[j]
+        if j >= 8:   # far from its point: redraw with a leader line
+            ann.remove()
+            ann = ax.annotate(text, (x, y), xytext=off, textcoords="offset points",
+                              fontsize=8, color="0.25", ha=ha, va=va,
+                              arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6,
+                                          "shrinkA": 0, "shrinkB": r - 2.0})
+        else:
+            ann.xyann = off
+            ann.set_ha(ha)
+            ann.set_va(va)
+        placed.append(bb)
 
 
 def throughput_vs_params(points, base: Path, formats: Sequence[str], title: str,
                          subtitle: str, colours: Dict[str, tuple],
                          flops_label: str = "FLOPs (G)", failed: Sequence[str] = ()) -> List[Path]:
     """Scatter of throughput (img/s) against parameters (M), one panel per mode present
-    (train, eval); marker AREA proportional to FLOPs (the same scale in every panel), each
-    point labelled with its method. ``points``: DataFrame with columns ``method``,
-    ``params_M``, ``fps``, ``flops_G`` (may be NaN), ``mode``."""
-    import seaborn as sns
+    (train, eval); marker AREA proportional to FLOPs (the same scale in every panel; a few
+    representative sizes in a legend under the axes), each point labelled with its method
+    (labels moved apart so that they do not overlap). ``points``: DataFrame with columns
+    ``method``, ``params_M``, ``fps``, ``flops_G`` (may be NaN), ``mode``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.lines import Line2D
+    flops_label = _flops_unit(flops_label)
     modes = [m for m in ("train", "eval") if m in set(points["mode"])]
+    present = set(points["method"])
+    order = [k for k in colours if k in present] + sorted(present - set(colours))
+    max_area, unknown_area = 420.0, 110.0
     with _Style():
-        fig = Figure(figsize=(5.2 * len(modes) + 2.8, 4.6), layout="constrained")
+        fig = Figure(figsize=(5.2 * len(modes) + 2.8, 4.9), layout="constrained")
+        canvas = FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(modes), squeeze=False)[0]
-        has_size = bool(points["flops_G"].notna().any())
-        top = float(points["flops_G"].max()) if has_size else 1.0
-        data = points.copy()
-        data[flops_label] = data["flops_G"].round(3)
-        for i, (ax, mode) in enumerate(zip(axes, modes)):
-            d = data[data["mode"] == mode]
-            last = i == len(modes) - 1
-            sns.scatterplot(data=d, x="params_M", y="fps", hue="method", palette=colours,
-                            hue_order=[k for k in colours if k in set(data["method"])],
-                            size=flops_label if has_size else None,
-                            sizes=(0, 420) if has_size else None,
-                            size_norm=(0, top) if has_size else None,
-                            alpha=0.8, edgecolor="0.2", linewidth=0.6,
-                            legend="full" if last else False, ax=ax)
-            for _, p in d.sort_values("method").iterrows():
-                ax.annotate(p["method"], (p["params_M"], p["fps"]), xytext=(0, 11),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=8,
-                            color="0.25")
+        known = points["flops_G"].dropna()
+        known = known[known > 0]
+        has_size = bool(len(known))
+        top = float(known.max()) if has_size else 1.0
+        any_unknown = bool(points["flops_G"].isna().any()) and has_size
+        labels_per_ax = []
+        for ax, mode in zip(axes, modes):
+            d = points[points["mode"] == mode]
+            pts = []
+            for method in order:
+                dm = d[d["method"] == method].sort_values(["params_M", "fps"])
+                if not len(dm):
+                    continue
+                col = colours.get(method, (0.4, 0.4, 0.4))
+                for _, p in dm.iterrows():
+                    f = p["flops_G"]
+                    ok = has_size and f == f and f > 0
+                    area = max_area * float(f) / top if ok else (
+                        unknown_area if has_size else 150.0)
+                    ax.scatter([p["params_M"]], [p["fps"]], s=area, marker="o",
+                               facecolors=col if (ok or not has_size) else "none",
+                               edgecolors="0.2" if (ok or not has_size) else col,
+                               linewidths=0.6 if (ok or not has_size) else 1.6,
+                               alpha=0.8, zorder=3)
+                    pts.append((method, float(p["params_M"]), float(p["fps"]), area))
+            labels_per_ax.append(pts)
             ax.set_xlabel("parameters (M)")
             ax.set_ylabel(f"throughput, {mode} (img/s)")
             ax.set_title({"train": "training step (forward + backward + update)",
                           "eval": "inference (eval, no grad)"}[mode])
             ax.margins(x=0.2, y=0.2)
-            if last and ax.get_legend() is not None:
-                sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-                for text in ax.get_legend().get_texts():   # FLOPs with fixed decimals
-                    try:
-                        text.set_text(f"{float(text.get_text()):.3f}")
-                    except ValueError:
-                        pass
+        handles = [Line2D([], [], linestyle="", marker="o", markersize=8, alpha=0.8,
+                          markerfacecolor=colours.get(m, (0.4, 0.4, 0.4)),
+                          markeredgecolor="0.2", markeredgewidth=0.6) for m in order]
+        axes[-1].legend(handles, order, title="method", loc="upper left",
+                        bbox_to_anchor=(1.02, 1.0), frameon=False)
+        caption = []
+        if has_size:
+            ticks = _size_ticks(float(known.min()), top)
+            sh = [Line2D([], [], linestyle="", marker="o", alpha=0.8,
+                         markersize=math.sqrt(max_area * v / top), markerfacecolor="0.35",
+                         markeredgecolor="0.2", markeredgewidth=0.6) for v, _ in ticks]
+            st = [t for _, t in ticks]
+            if any_unknown:
+                sh.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none",
+                                 markeredgecolor="0.35", markeredgewidth=1.6,
+                                 markersize=math.sqrt(unknown_area)))
+                st.append("unknown")
+            caption.append(f"marker area proportional to {flops_label} "
+                           "(same scale in every panel)")
         _title(fig, title, subtitle)
-        _footer(fig, ([f"marker area proportional to {flops_label}"] if has_size else [])
-                + [f"not plotted, failed: {f}" for f in failed])
+        _footer(fig, caption + [f"not plotted, failed: {f}" for f in failed])
+        if has_size:
+            # size key right under the first panel's x label (an axes artist, so that the
+            # constrained layout makes room for it and puts the caption below it)
+            from matplotlib.legend import Legend
+            from matplotlib.transforms import ScaledTranslation
+            canvas.draw()
+            ax0 = axes[0]
+            r = canvas.get_renderer()
+            low = min(ax0.xaxis.label.get_window_extent(r).y0,
+                      ax0.xaxis.get_tightbbox(r).y0)
+            drop = (ax0.bbox.y0 - low) / fig.dpi + 0.05
+            key = Legend(ax0, sh, st, title=flops_label, loc="upper left",
+                         bbox_to_anchor=(0.0, 0.0), ncol=len(sh), frameon=False,
+                         bbox_transform=ax0.transAxes + ScaledTranslation(
+                             0, -drop, fig.dpi_scale_trans),
+                         handletextpad=0.5, columnspacing=1.8, handleheight=2.0,
+                         borderaxespad=0.0, alignment="left")
+            ax0.add_artist(key)
+            key.set_clip_on(False)
+        canvas.draw()                                   # lays the figure out
+        renderer = canvas.get_renderer()
+        for ax, pts in zip(axes, labels_per_ax):
+            _label_points(fig, ax, pts, renderer)
         return _save(fig, base, formats)
 
 
