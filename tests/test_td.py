@@ -10,14 +10,7 @@ from modules.builder import plain_backbone
 from modules.td import TDBlock, recording, td_blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared, loaded CPU two OpenMP threads spin against each other (a 64^2
-    ResNet-50 pass took 13 s instead of 0.2 s here); one thread keeps these tests fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model):

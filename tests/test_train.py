@@ -15,13 +15,7 @@ from modules import build_model
 EASY = ["circle-stripes3", "square-dots4", "triangle-stripes7"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: far faster than two on a shared, oversubscribed CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
