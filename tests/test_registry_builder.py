@@ -176,3 +176,24 @@ def test_labels():
     assert modules.get("se").display({"reduction": 8}) == "SE(reduction=8)"
     assert build_model("resnet18", "fca", num_classes=10).attnbench_label == "FCA-TS"
     assert build_model("resnet18", num_classes=10).attnbench_label == "none"
+
+
+def test_head_kind_replaces_global_pooling():
+    class GeM(torch.nn.Module):  # generalised-mean pooling: a minimal head-kind module
+        def __init__(self, channels, p=3.0):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.tensor(p))
+
+        def forward(self, x):
+            return x.clamp(min=1e-6).pow(self.p).mean((2, 3), keepdim=True).pow(1 / self.p)
+
+    register("testgem", "head", defaults={"p": 3.0}, paper="test")(GeM)
+    try:
+        model = build_model("resnet18", "testgem", num_classes=10, p=2.0)
+        assert isinstance(model.avgpool, GeM) and model.avgpool.p.item() == 2.0
+        y = model(torch.randn(2, 3, 96, 96))
+        assert y.shape == (2, 10)
+        y.sum().backward()
+        assert model.avgpool.p.grad is not None
+    finally:
+        modules.REGISTRY.remove("testgem")
