@@ -1,7 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
+
+from bench import plugins
+from modules.registry import REGISTRY
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -27,3 +31,22 @@ def _seed():
 
 def count(model):
     return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def clean_plugins(monkeypatch):
+    """Each test starts from the built-ins and leaves the registry as it found it."""
+    specs = dict(REGISTRY._specs)
+    mods = set(sys.modules)
+    monkeypatch.setattr(plugins, "_loaded", [])
+    monkeypatch.setattr(plugins, "_file_modules", {})
+    monkeypatch.setattr(plugins, "_names_by_plugin", {})
+    monkeypatch.setattr(plugins, "_entry_point_errors", [])
+    monkeypatch.setattr(plugins, "_entry_points_done", False)
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [])  # the venv's own: not here
+    yield
+    REGISTRY._specs.clear()
+    REGISTRY._specs.update(specs)
+    for name in set(sys.modules) - mods:
+        if name.startswith(("attnbench_plugin_", "attnbench_coordatt", "brokenplug")):
+            del sys.modules[name]

@@ -2,7 +2,6 @@
 broken module is caught by the check that should catch it, with a readable reason.
 
 Small inputs (64-96 px) keep this quick; the command's default sweep is 168..448."""
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,25 +12,13 @@ from torch import nn
 from bench import plugins
 from bench.check_module import FAIL, PASS, SKIP, WARN, ModuleChecker, parse_options
 from bench.cli import main
-from modules.registry import REGISTRY, OptionError, register
+from modules.registry import OptionError, register
 
 ROOT = Path(__file__).resolve().parents[1]
 COORDATT = ROOT / "examples" / "attnbench-coordatt" / "attnbench_coordatt" / "coordatt.py"
 
 
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    specs = dict(REGISTRY._specs)
-    mods = set(sys.modules)
-    monkeypatch.setattr(plugins, "_loaded", [])
-    monkeypatch.setattr(plugins, "_file_modules", {})
-    monkeypatch.setattr(plugins, "_entry_points_done", True)  # the venv's own: not here
-    yield
-    REGISTRY._specs.clear()
-    REGISTRY._specs.update(specs)
-    for name in set(sys.modules) - mods:
-        if name.startswith("attnbench_plugin_"):
-            del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("clean_plugins")
 
 
 def prepared(name, resolutions=(64,), **kw):

@@ -31,23 +31,7 @@ def _has_module(name):
         return False
 
 
-@pytest.fixture(autouse=True)
-def clean_plugins(monkeypatch):
-    """Each test starts from the built-ins and leaves the registry as it found it."""
-    specs = dict(REGISTRY._specs)
-    mods = set(sys.modules)
-    monkeypatch.setattr(plugins, "_loaded", [])
-    monkeypatch.setattr(plugins, "_file_modules", {})
-    monkeypatch.setattr(plugins, "_names_by_plugin", {})
-    monkeypatch.setattr(plugins, "_entry_point_errors", [])
-    monkeypatch.setattr(plugins, "_entry_points_done", False)
-    monkeypatch.setattr(plugins, "_entry_points", lambda: [])  # the venv's own: not here
-    yield
-    REGISTRY._specs.clear()
-    REGISTRY._specs.update(specs)
-    for name in set(sys.modules) - mods:
-        if name.startswith(("attnbench_plugin_", "attnbench_coordatt", "brokenplug")):
-            del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("clean_plugins")
 
 
 def write(tmp_path, name, body):
