@@ -214,7 +214,7 @@ def register(name: str, kind: str, *, defaults: Optional[Mapping[str, Any]] = No
     def deco(factory):
         doc = (inspect.getdoc(factory) or "").split("\n")[0]
         module = getattr(factory, "__module__", "") or ""
-        source = "builtin" if module.startswith("modules.") else f"plugin {module}"
+        source = "builtin" if module.startswith("attnbench.modules.") else f"plugin {module}"
         spec = ModuleSpec(name=name, kind=kind, factory=factory, defaults=dict(defaults or {}),
                           paper=paper, stages=tuple(stages), label=label,
                           description=description or doc,

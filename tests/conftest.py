@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
-from bench import plugins
-from modules.registry import REGISTRY
+from attnbench.plugins import loader as plugins
+from attnbench.modules.registry import REGISTRY
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 

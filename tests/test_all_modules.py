@@ -4,8 +4,8 @@ parameter. ResNet-18 here (fast); ResNet-50 behind the ``slow`` marker."""
 import pytest
 import torch
 
-import modules
-from modules import build_model
+from attnbench import modules
+from attnbench.modules import build_model
 
 from conftest import RESOLUTIONS
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import modules
-from modules import OptionError, build_model
-from modules.aw import AWConv2d
+from attnbench import modules
+from attnbench.modules import OptionError, build_model
+from attnbench.modules.aw import AWConv2d
 
 R50_PLAIN = 25_557_032          # REFERENCE.md
 R50_SE = 28_071_976             # REFERENCE.md (bias-free SE)

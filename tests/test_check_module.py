@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench import plugins
-from bench.check_module import FAIL, PASS, SKIP, WARN, ModuleChecker, parse_options
-from bench.cli import main
-from modules.registry import OptionError, register
+from attnbench.plugins import loader as plugins
+from attnbench.plugins.conformance import FAIL, PASS, SKIP, WARN, ModuleChecker, parse_options
+from attnbench.cli import main
+from attnbench.modules.registry import OptionError, register
 
 ROOT = Path(__file__).resolve().parents[1]
 COORDATT = ROOT / "examples" / "attnbench-coordatt" / "attnbench_coordatt" / "coordatt.py"
@@ -267,7 +267,7 @@ def test_cli_exit_status_and_table(tmp_path, capsys):
     bad = tmp_path / "badgate.py"
     bad.write_text(textwrap.dedent("""
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
 
         @register("badgate", "gate")
         class BadGate(nn.Module):

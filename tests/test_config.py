@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-import modules
-from bench.config import (ConfigError, cell_id, expand, load_config, parse_config,
+from attnbench import modules
+from attnbench.matrix.config import (ConfigError, cell_id, expand, load_config, parse_config,
                           resolve_path, units)
 
 SWEEP = list(range(168, 449, 28))

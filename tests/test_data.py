@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.data import DETAILS, MAX_CLASSES, SHAPES, DataError, class_names, draw_image, \
+from attnbench.accuracy.data import DETAILS, MAX_CLASSES, SHAPES, DataError, class_names, draw_image, \
     make_dataset
 
 
@@ -85,7 +85,7 @@ def test_reuse_and_conflict(tmp_path):
 
 
 def test_cli_make_data(tmp_path, capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     out = tmp_path / "d"
     assert main(["make-data", str(out), "--classes", "circle-dots4,star-stripes3",
                  "--train", "2", "--val", "1", "--size", "24", "--seed", "7"]) == 0

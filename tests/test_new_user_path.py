@@ -4,7 +4,7 @@ import configparser
 import re
 from pathlib import Path
 
-from bench.cli import main
+from attnbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

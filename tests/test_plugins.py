@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import plugins
-from bench.cli import main
-from modules import build_model
-from modules.registry import REGISTRY, RegistrationError
+from attnbench.plugins import loader as plugins
+from attnbench.cli import main
+from attnbench.modules import build_model
+from attnbench.modules.registry import REGISTRY, RegistrationError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "attnbench-coordatt"
@@ -88,7 +88,7 @@ def test_file_of_an_already_imported_plugin_is_not_imported_again(monkeypatch):
 def test_same_file_name_in_two_folders(tmp_path):
     body = """
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
         @register("{name}", "gate")
         class G(nn.Identity):
             def __init__(self, channels):
@@ -150,7 +150,7 @@ def test_entry_point_found_in_installed_metadata(tmp_path, monkeypatch):
 def test_broken_entry_point_warns_rolls_back_and_spares_the_rest(tmp_path, monkeypatch):
     write(tmp_path, "brokenplug.py", """
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
         @register("halfway", "gate")
         class G(nn.Identity):
             def __init__(self, channels):
@@ -198,7 +198,7 @@ def test_import_error_names_file_line_and_cause(tmp_path):
 def test_error_after_registering_rolls_back_every_name(tmp_path):
     path, err = _load_bad(tmp_path, """
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
 
         @register("first-ok", "gate")
         class A(nn.Identity):
@@ -226,7 +226,7 @@ def test_syntax_error(tmp_path):
 def test_name_clash_with_builtin_is_refused(tmp_path):
     path, err = _load_bad(tmp_path, """
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
 
         @register("se", "gate", defaults={"reduction": 16})
         class MySE(nn.Identity):
@@ -243,7 +243,7 @@ def test_name_clash_with_builtin_is_refused(tmp_path):
 def test_replace_true_overrides_a_builtin_on_purpose(tmp_path):
     path = write(tmp_path, "myse.py", """
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
 
         @register("se", "gate", defaults={"reduction": 16}, replace=True)
         class MySE(nn.Identity):
@@ -260,7 +260,7 @@ def test_clash_between_two_plugins_names_the_first(tmp_path):
     plugins.load_all([str(COORDATT)])
     path, err = _load_bad(tmp_path, """
         from torch import nn
-        from modules.registry import register
+        from attnbench.modules.registry import register
         @register("coordatt", "gate")
         class Mine(nn.Identity):
             def __init__(self, channels):
@@ -283,7 +283,7 @@ def test_clash_between_two_plugins_names_the_first(tmp_path):
      "module name 'Bad Name' must be short, lowercase"),
 ])
 def test_bad_registration_messages(tmp_path, decl, message):
-    _, err = _load_bad(tmp_path, "from modules.registry import register\n" + decl + "\n")
+    _, err = _load_bad(tmp_path, "from attnbench.modules.registry import register\n" + decl + "\n")
     assert "RegistrationError: " + message in str(err)
 
 
@@ -331,7 +331,7 @@ def test_cli_plugin_before_the_subcommand(capsys):
 
 def test_cli_plugins_before_and_after_the_subcommand_both_load(tmp_path, capsys):
     other = write(tmp_path, "other_gate.py",
-                  "from torch import nn\nfrom modules.registry import register\n"
+                  "from torch import nn\nfrom attnbench.modules.registry import register\n"
                   "@register('othergate', 'gate')\nclass G(nn.Identity):\n"
                   "    def __init__(self, channels):\n        super().__init__()\n")
     assert main(["--plugin", str(COORDATT), "list", "--plugin", str(other)]) == 0
@@ -358,7 +358,7 @@ def _command_missing(module):
     return not _has_module(module)
 
 
-@pytest.mark.skipif(_command_missing("bench.cmd_profile"),
+@pytest.mark.skipif(_command_missing("attnbench.cli.profile"),
                     reason="attnbench profile (bench/cmd_profile.py) is not written yet")
 def test_cli_profile_with_plugin(capsys):
     code = main(["profile", "resnet18", "coordatt", "--plugin", str(COORDATT),
@@ -401,7 +401,7 @@ modes = ["eval"]
 """
 
 
-@pytest.mark.skipif(_command_missing("bench.runner"),
+@pytest.mark.skipif(_command_missing("attnbench.matrix.runner"),
                     reason="attnbench run (bench/runner.py) is not written yet")
 def test_cli_run_one_cell_matrix_and_report(tmp_path, capsys):
     cfg = tmp_path / "plug.toml"
@@ -421,7 +421,7 @@ def test_cli_run_one_cell_matrix_and_report(tmp_path, capsys):
     assert mine[0]["value"] == sum(p.numel() for p in
                                    build_model("resnet18", "coordatt", num_classes=10,
                                                reduction=16).parameters())
-    if _command_missing("bench.report"):
+    if _command_missing("attnbench.report.build"):
         pytest.skip("attnbench report (bench/report.py) is not written yet")
     code = main(["report", "--results", str(results), "--out", str(tmp_path / "reports"),
                  "--run", "plug"])
@@ -443,7 +443,7 @@ def test_pip_installed_example_is_found_by_entry_point(tmp_path):
                     "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, cwd=tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "list"], env=env, cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "attnbench", "list"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("coordatt"))
     assert "attnbench-coordatt" in line

@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import flops, measure, memory, params, speed
-from modules.builder import build_model
+from attnbench.profilers import flops
+
+from attnbench.matrix import measure
+
+from attnbench.profilers import memory
+
+from attnbench.profilers import params
+
+from attnbench.profilers import speed
+from attnbench.modules.builder import build_model
 
 SCHEMA_COLUMNS = ("backbone", "module", "label", "options", "stages", "resolution", "batch",
                   "mode", "device", "metric", "value", "unit", "method", "status", "error")
@@ -376,7 +384,7 @@ def test_measure_group_speed_ratio_rows():
 # --------------------------------------------------------------------------- CLI
 
 def test_profile_command_prints_one_table(capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     rc = main(["profile", "resnet18", "se", "--resolution", "32", "--batch", "1",
                "--no-speed", "--no-memory", "--option", "reduction=16"])
     out = capsys.readouterr().out
@@ -386,7 +394,7 @@ def test_profile_command_prints_one_table(capsys):
 
 
 def test_profile_command_unknown_module_and_bad_option(capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     assert main(["profile", "resnet18", "nope", "--no-speed"]) == 2
     assert "unknown attention module" in capsys.readouterr().err
     assert main(["profile", "resnet18", "se", "--option", "reduction"]) == 2
@@ -394,7 +402,7 @@ def test_profile_command_unknown_module_and_bad_option(capsys):
 
 
 def test_profile_paper_lookup_and_option_parsing():
-    from bench import cmd_profile
+    from attnbench.cli import profile as cmd_profile
     assert cmd_profile.paper_figures("resnet50", "SE", 28_071_976)[:2] == (28.07, 4.13)
     assert cmd_profile.paper_figures("resnet50", "TDtop(T=2,m=3)", 27_789_352) is None
     assert cmd_profile.paper_figures("resnet50", "TDtop(T=2,m=3)", 27_655_208)[1] == 5.98

@@ -3,11 +3,11 @@ import pytest
 import torch
 from torchvision.models.resnet import Bottleneck
 
-import modules
-from modules import OptionError, RegistrationError, UnknownNameError, build_model
-from modules.registry import ModuleSpec, Registry, register
-from modules.eca import eca_kernel_size
-from modules.fca import dct_filters
+from attnbench import modules
+from attnbench.modules import OptionError, RegistrationError, UnknownNameError, build_model
+from attnbench.modules.registry import ModuleSpec, Registry, register
+from attnbench.modules.eca import eca_kernel_size
+from attnbench.modules.fca import dct_filters
 
 from conftest import count
 
@@ -72,7 +72,7 @@ def test_fca_dct_filters_are_orthonormal_basis_rows():
 
 def test_fca_equals_se_excitation_of_dc_when_one_frequency():
     # With n_freq=1 (DC only) FCA pools with 1/7 per pixel: 7 x the mean, i.e. SE up to scale.
-    from modules.fca import FCAGate
+    from attnbench.modules.fca import FCAGate
     gate = FCAGate(32, reduction=4, n_freq=1, dct_size=7)
     x = torch.randn(2, 32, 7, 7)
     y = (x * gate.dct).sum((2, 3))

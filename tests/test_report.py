@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import report as R
-from bench.cli import main as cli_main
+from attnbench.report import build as R
+from attnbench.cli import main as cli_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 CPU_RUN = "20261122-101500-default"
@@ -323,7 +323,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_scaled_columns_take_the_nearest_measured_size():
-    from bench.report_tables import scaled
+    from attnbench.report.tables import scaled
     assert scaled(168, 224, [168]) == 168
     assert scaled(168, 128, [96, 128, 256]) == 96
     assert scaled(168, 100, [76, 100, 200]) == 76     # sweep rounded 75 to a multiple of 4

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bench import results as R
+from attnbench import results as R
 
 
 def row(**kw):
@@ -115,7 +115,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 
     def boom(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(R.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         R.write_rows(tmp_path, [row(cell="new")])
     assert path.read_text() == before and os.listdir(tmp_path) == ["rows.jsonl"]

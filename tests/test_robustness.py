@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.checkpoint import save_checkpoint
-from bench.data import make_dataset
-from bench.results import ROW_COLUMNS, load_rows
-from bench.robustness import DEFAULT_RESOLUTIONS, RobustnessError, accuracy_tables, \
+from attnbench.accuracy.checkpoint import save_checkpoint
+from attnbench.accuracy.data import make_dataset
+from attnbench.results import ROW_COLUMNS, load_rows
+from attnbench.accuracy.robustness import DEFAULT_RESOLUTIONS, RobustnessError, accuracy_tables, \
     evaluate_checkpoints, parse_resolutions, relative_sweep
-from bench.train import eval_transform, resize_size
-from modules import build_model
+from attnbench.accuracy.train import eval_transform, resize_size
+from attnbench.modules import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,7 @@ def test_failures_are_rows_and_do_not_stop_the_others(data, tmp_path):
 
 
 def test_scale_from_auto_and_cli(data, tmp_path, capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     ck = _ckpt(tmp_path / "m.pt", None, data, train_res=16)
     rc = main(["robustness", str(ck), "--data", str(data), "--scale-from", "auto",
                "--results", str(tmp_path / "res"), "--run-id", "cli", "--no-progress"])
@@ -130,7 +130,7 @@ def test_scale_from_auto_and_cli(data, tmp_path, capsys):
 
 
 def test_demo_pipeline_tiny(tmp_path):
-    from bench.pipeline import parse_models, run_demo
+    from attnbench.accuracy.demo import parse_models, run_demo
     assert [m[1] for m in parse_models(None)] == ["none", "se", "cbam", "fca", "td"]
     assert parse_models("none,se") == parse_models(None)[:2]
     assert parse_models('x=td:{"variant":"top"}') == [("x", "td", {"variant": "top"})]

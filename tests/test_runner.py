@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import results as R
-from bench.config import expand, load_config
-from bench.runner import run_config
+from attnbench import results as R
+from attnbench.matrix.config import expand, load_config
+from attnbench.matrix.runner import run_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,7 +230,7 @@ def _cli_env(**extra):
 
 
 def test_cli_ctrl_c_saves_finished_cells_and_exits_130(tmp_path, cfg):
-    attnbench = [sys.executable, "-m", "bench.cli"]
+    attnbench = [sys.executable, "-m", "attnbench"]
     args = ["run", str(cfg), "--results", str(tmp_path), "--run-id", "r", "--no-progress",
             "--measure-module", "test_runner"]
     proc = subprocess.Popen(attnbench + args, cwd=REPO, stdout=subprocess.PIPE,
@@ -258,7 +258,7 @@ def test_cli_ctrl_c_saves_finished_cells_and_exits_130(tmp_path, cfg):
 
 
 def test_cli_bad_config_exits_2(tmp_path, capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     bad = tmp_path / "bad.toml"
     bad.write_text('[[modules]]\nname = "sx"\n')
     assert main(["run", str(bad), "--dry-run"]) == 2
@@ -267,7 +267,7 @@ def test_cli_bad_config_exits_2(tmp_path, capsys):
 
 
 def test_cli_dry_run_of_the_default_config(capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     assert main(["run", "default", "--dry-run", "--only", "module=se",
                  "--only", "metric=latency"]) == 0
     out = capsys.readouterr().out
@@ -275,7 +275,7 @@ def test_cli_dry_run_of_the_default_config(capsys):
 
 
 def test_real_measure_tiny_end_to_end(tmp_path):
-    pytest.importorskip("bench.measure")
+    pytest.importorskip("attnbench.matrix.measure")
     s = run_config("tiny", results_dir=tmp_path, run_id="tiny", progress=False)
     df, env = R.load_run(tmp_path / "tiny")
     assert s.exit_code == 0, df[df.status == "failed"][["label", "metric", "error"]]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from modules import OptionError, build_model, get
-from modules.builder import plain_backbone
-from modules.td import TDBlock, recording, td_blocks
+from attnbench.modules import OptionError, build_model, get
+from attnbench.modules.builder import plain_backbone
+from attnbench.modules.td import TDBlock, recording, td_blocks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

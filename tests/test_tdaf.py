@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import modules
-from modules import OptionError, build_model
-from modules.builder import plain_backbone
-from modules.tdaf import ANAR, MultiFlowBatchNorm2d, TDAFResNet, stage_counts, tdaf
+from attnbench import modules
+from attnbench.modules import OptionError, build_model
+from attnbench.modules.builder import plain_backbone
+from attnbench.modules.tdaf import ANAR, MultiFlowBatchNorm2d, TDAFResNet, stage_counts, tdaf
 
 from conftest import RESOLUTIONS, count
 

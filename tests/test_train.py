@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from bench.checkpoint import CheckpointError, CheckpointMismatchError, load_checkpoint, \
+from attnbench.accuracy.checkpoint import CheckpointError, CheckpointMismatchError, load_checkpoint, \
     read_checkpoint, save_checkpoint
-from bench.data import make_dataset
-from bench.train import TrainConfig, eval_transform, evaluate, image_folder, lr_lambda, \
+from attnbench.accuracy.data import make_dataset
+from attnbench.accuracy.train import TrainConfig, eval_transform, evaluate, image_folder, lr_lambda, \
     parse_options, train
-from modules import build_model
+from attnbench.modules import build_model
 
 # shape and detail both differ: the easiest 3-class task the generator draws
 EASY = ["circle-stripes3", "square-dots4", "triangle-stripes7"]
@@ -130,7 +130,7 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "missing.pt")
     # the CLI turns them into a clean error (exit 2), no traceback
-    from bench.cli import main
+    from attnbench.cli import main
     assert main(["robustness", str(rnd), "--data", str(tmp_path), "--no-progress",
                  "--results", str(tmp_path / "results")]) != 0
 
@@ -140,7 +140,7 @@ def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, monkeypatch):
     straight = train(_cfg(tiny_data, tmp_path / "a.pt", **kw), progress=False,
                      log=lambda m: None)
     # the same run, interrupted right after epoch 1 was saved
-    import bench.checkpoint as C
+    import attnbench.accuracy.checkpoint as C
     real_save = C.save_checkpoint
 
     def save_then_stop(path, model, **k):
@@ -182,13 +182,13 @@ def test_lr_schedule_warmup_then_cosine():
 def test_parse_options():
     assert parse_options(["variant=joint", "steps=2", "m=1", "x=0.5", "b=true"]) == \
         {"variant": "joint", "steps": 2, "m": 1, "x": 0.5, "b": True}
-    from modules.registry import AttnbenchError
+    from attnbench.modules.registry import AttnbenchError
     with pytest.raises(AttnbenchError, match="KEY=VALUE"):
         parse_options(["novalue"])
 
 
 def test_cli_train_smoke(tiny_data, tmp_path, capsys):
-    from bench.cli import main
+    from attnbench.cli import main
     out = tmp_path / "cli.pt"
     rc = main(["train", "--data", str(tiny_data), "--module", "se", "--option", "reduction=8",
                "--resolution", "32", "--epochs", "1", "--batch-size", "8", "--lr", "0.01",
@@ -205,8 +205,8 @@ def test_cli_train_smoke(tiny_data, tmp_path, capsys):
     assert ck["epoch"] == 2 and ck["model_config"]["options"] == {"reduction": 8}
     assert len(ck["history"]) == 2 and ck["args"]["resolution"] == 32
     assert "resumed" in capsys.readouterr().out
-    from modules.registry import AttnbenchError
+    from attnbench.modules.registry import AttnbenchError
     with pytest.raises(AttnbenchError, match="--data"):
-        from bench.train import config_from_args
+        from attnbench.accuracy.train import config_from_args
         import argparse
         config_from_args(argparse.Namespace(resume=None))

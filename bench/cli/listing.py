@@ -12,8 +12,8 @@ def register_cli(sub, parent) -> None:
 
 
 def run(args) -> int:
-    import modules
-    from modules.builder import BACKBONES
+    from attnbench import modules
+    from attnbench.modules.builder import BACKBONES
     rows = []
     for spec in modules.list_modules():
         opts = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()) or "-"

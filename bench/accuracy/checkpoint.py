@@ -25,12 +25,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from bench.results import atomic_write
+from attnbench.results import atomic_write
 
 import torch
 from torch import nn
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
 FORMAT = "attnbench-checkpoint"
 VERSION = 1
@@ -76,7 +76,7 @@ def canonical_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     opts = dict(config.get("options") or {})
     if att != "none":
         try:
-            from modules.registry import REGISTRY
+            from attnbench.modules.registry import REGISTRY
             spec = REGISTRY.get(att)
             gate = opts.pop("gate", None)
             gate_opts = opts.pop("gate_options", None)
@@ -208,7 +208,7 @@ def load_checkpoint(path: PathLike, expect_config: Any = None,
     naming the file and every difference. Keys or shapes of the weights that do not
     fit the rebuilt model fail the same way. Returns ``(model in eval mode, ckpt)``.
     """
-    from modules.builder import build_model
+    from attnbench.modules.builder import build_model
     path = Path(path)
     ckpt = read_checkpoint(path, map_location)
     config = ckpt["model_config"]

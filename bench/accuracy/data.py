@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "hexagon")
 DETAILS = ("stripes3", "stripes7", "dots4")

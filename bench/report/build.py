@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
-from bench import report_tables as T
+from attnbench.report import tables as T
 
 MARKER = ".attnbench-report"
 DEFAULT_FORMATS = ("png", "svg")
@@ -59,7 +59,7 @@ def register_cli(sub, parent) -> None:
 
 
 def parse_formats(text: str) -> Tuple[str, ...]:
-    from bench.report_plots import FORMATS
+    from attnbench.report.plots import FORMATS
     items = [f.strip().lower().lstrip(".") for f in (text or "").split(",") if f.strip()]
     if items == ["none"]:
         return ()
@@ -95,7 +95,7 @@ def run(args) -> int:
 def load(results_dir) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Any]]]:
     """Normalised rows (``None`` for nulls, ints for sizes, ``_order`` = file order) and
     ``{run_id: env}``. Raises :class:`ReportError` when there is nothing to report."""
-    from bench.results import ROWS_FILE, ResultsError, load_all, run_dirs
+    from attnbench.results import ROWS_FILE, ResultsError, load_all, run_dirs
     root = Path(results_dir)
     if not root.exists():
         raise ReportError(f"results folder '{root}' does not exist: run `attnbench run CONFIG` "
@@ -225,7 +225,7 @@ def build_tables(g: Group) -> List[Tuple[str, List[T.Table]]]:
 
 def build_plots(g: Group, out: Path, formats: Sequence[str]) -> List[Tuple[str, List[Path]]]:
     import pandas as pd
-    from bench import report_plots as P
+    from attnbench.report import plots as P
     if not formats:
         return []
     idx = T.Index(g.records)
@@ -426,7 +426,7 @@ def write_group(g: Group, sections, out: Path, command: str, latex: bool,
                 lines += [f"![{title}]({_rel(png[0], gdir)})", ""]
             lines += [" · ".join(f"[{f.suffix[1:].upper()}]({_rel(f, gdir)})" for f in files), ""]
     text = "\n".join(lines).rstrip("\n") + "\n"
-    from bench.results import atomic_write_text
+    from attnbench.results import atomic_write_text
     path = gdir / "report.md"
     atomic_write_text(path, text)
     if latex:
@@ -504,7 +504,7 @@ def write_readme(gs: List[Group], all_sections, out: Path, command: str, results
             lines.append("- (none)")
         lines.append("")
     text = "\n".join(lines).rstrip("\n") + "\n"
-    from bench.results import atomic_write_text
+    from attnbench.results import atomic_write_text
     path = out / "README.md"
     atomic_write_text(path, text)
     return path

@@ -52,6 +52,7 @@ timed together.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import re
 import sys
@@ -60,15 +61,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+#: the built-in configs: ``configs/`` in the checkout, installed as ``attnbench.configs``
+CONFIG_DIR = Path(str(importlib.resources.files("attnbench.configs")))
 
 METRICS = ("params", "flops", "latency", "memory")
 STATIC_METRICS = ("params", "flops")
@@ -83,7 +84,7 @@ SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMIN
 TIMING_DEFAULTS = {"warmup": 2, "repeats": 5, "min_run_time": 0.0, "interleave": True,
                    "timeout_s": 600.0}
 
-#: the keys of a cell that :func:`bench.measure.measure_cell` receives
+#: the keys of a cell that :func:`attnbench.matrix.measure.measure_cell` receives
 MEASURE_KEYS = ("backbone", "module", "options", "stages", "resolution", "batch", "mode",
                 "device", "metrics", "warmup", "repeats", "min_run_time", "amp",
                 "channels_last", "threads", "num_classes")
@@ -184,7 +185,7 @@ class _Checker:
         allowed = set(allowed)
         for k in table:
             if k not in allowed:
-                from modules.registry import closest
+                from attnbench.modules.registry import closest
                 near = closest(k, allowed)
                 hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
                 where = f"{key}.{k}" if key else k
@@ -252,8 +253,8 @@ def _unique(values: List[Any]) -> List[Any]:
 
 
 def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
-    import modules  # noqa: F401  (registers the built-in modules)
-    from modules.builder import BACKBONES
+    import attnbench.modules  # noqa: F401  (registers the built-in modules)
+    from attnbench.modules.builder import BACKBONES
     where = str(path) if path else "<config>"
     ck = _Checker(where)
     ck.keys(data, TOP_KEYS, "")
@@ -269,7 +270,7 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
     backbones = ck.str_list(data.get("backbones", ["resnet50"]), "backbones")
     for b in backbones:
         if b.lower() not in BACKBONES:
-            from modules.registry import unknown_name_message
+            from attnbench.modules.registry import unknown_name_message
             raise ck.fail("backbones", unknown_name_message("backbone", b, BACKBONES))
     backbones = [b.lower() for b in backbones]
     num_classes = ck.int_(data.get("num_classes", 1000), "num_classes", 1)
@@ -370,10 +371,10 @@ def _timing(ck: _Checker, raw: Mapping[str, Any], base: Dict[str, Any], key: str
 
 def canonical_options(name: str, options: Mapping[str, Any]) -> Tuple[Dict[str, Any], str]:
     """``(full options with defaults filled in, label)`` of module ``name`` as
-    :func:`modules.builder.build_model` would build it (``gate`` combinations included).
+    :func:`attnbench.modules.builder.build_model` would build it (``gate`` combinations included).
     Raises the registry's errors for unknown names and bad options."""
-    from modules.builder import split_gate_options
-    from modules.registry import REGISTRY, OptionError
+    from attnbench.modules.builder import split_gate_options
+    from attnbench.modules.registry import REGISTRY, OptionError
     if name == "none":
         if options:
             raise OptionError(f"the plain backbone takes no options; got {sorted(options)}")
@@ -401,8 +402,8 @@ def canonical_options(name: str, options: Mapping[str, Any]) -> Tuple[Dict[str, 
 
 def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
                   backbones: List[str]) -> ModuleEntry:
-    from modules.builder import resolve_stages
-    from modules.registry import REGISTRY
+    from attnbench.modules.builder import resolve_stages
+    from attnbench.modules.registry import REGISTRY
     ck.keys(m, MODULE_KEYS, key)
     if "name" not in m:
         raise ck.fail(key, "missing 'name' (a registered module or \"none\")")
@@ -440,7 +441,7 @@ def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
         for b in backbones:
             counts = _BLOCKS.get(b)
             if counts is None:
-                from modules.builder import block_counts
+                from attnbench.modules.builder import block_counts
                 counts = block_counts(b)
             fake = SimpleNamespace(**{f"layer{i + 1}": range(n) for i, n in enumerate(counts)})
             try:
@@ -610,5 +611,5 @@ def units(cells: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
 
 
 def measure_args(cell: Mapping[str, Any]) -> Dict[str, Any]:
-    """The dict :func:`bench.measure.measure_cell` receives for ``cell``."""
+    """The dict :func:`attnbench.matrix.measure.measure_cell` receives for ``cell``."""
     return {k: cell[k] for k in MEASURE_KEYS if k in cell}

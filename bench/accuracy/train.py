@@ -12,7 +12,7 @@ Standard ImageNet-style recipe on any torchvision ImageFolder (``DIR/train/<clas
   ``--warmup-epochs``, then cosine decay to 0 at the last step;
 * ``CrossEntropyLoss(label_smoothing=...)``; AMP (float16 autocast + GradScaler) on
   CUDA only;
-* a checkpoint (see :mod:`bench.checkpoint`) written at the end of every epoch, so
+* a checkpoint (see :mod:`attnbench.accuracy.checkpoint`) written at the end of every epoch, so
   ``--resume CKPT`` continues from the last finished epoch (model, optimizer,
   scheduler, epoch, metrics). Each epoch reseeds torch with ``seed + epoch`` and
   shuffles with its own generator, so a resumed run sees the same batches and
@@ -20,7 +20,7 @@ Standard ImageNet-style recipe on any torchvision ImageFolder (``DIR/train/<clas
 """
 from __future__ import annotations
 
-from bench.cli_args import parse_options, parse_stages, parse_value  # noqa: F401
+from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
 
 import argparse
 import math
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -214,8 +214,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
           ) -> Dict[str, Any]:
     """Train per ``cfg`` (resuming from ``cfg.resume`` if set); returns the final
     checkpoint dict (also written to ``cfg.out``)."""
-    from modules.builder import build_model
-    from .checkpoint import check_state_dict, config_differences, read_checkpoint, \
+    from attnbench.modules.builder import build_model
+    from attnbench.accuracy.checkpoint import check_state_dict, config_differences, read_checkpoint, \
         save_checkpoint
 
     start_epoch = 0
@@ -238,7 +238,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     if resumed is not None:
         diffs = config_differences(resumed["model_config"], config)
         if diffs:
-            from .checkpoint import CheckpointMismatchError
+            from attnbench.accuracy.checkpoint import CheckpointMismatchError
             raise CheckpointMismatchError(f"{cfg.resume}: cannot resume: checkpoint of another "
                                           f"model ({'; '.join(diffs)})")
         if resumed.get("classes") and list(resumed["classes"]) != classes:
@@ -361,7 +361,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     if start_epoch >= cfg.epochs and not Path(cfg.out).exists():
         save_checkpoint(cfg.out, model, optimizer=optimizer, scheduler=scheduler,
                         epoch=start_epoch, history=history, **ckpt_common)
-    from .checkpoint import read_checkpoint as _read
+    from attnbench.accuracy.checkpoint import read_checkpoint as _read
     return _read(cfg.out)
 
 
@@ -417,7 +417,7 @@ def register_cli(sub, parent) -> None:
         "torch's choice", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_cli)
-    from . import data
+    from attnbench.accuracy import data
     data.register_cli(sub, parent)
 
 
@@ -427,7 +427,7 @@ def config_from_args(args) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     kw: Dict[str, Any] = {}
     if given.get("resume"):
-        from .checkpoint import read_checkpoint
+        from attnbench.accuracy.checkpoint import read_checkpoint
         saved = read_checkpoint(given["resume"]).get("args") or {}
         kw.update({k: v for k, v in saved.items() if k in names})
         kw["out"] = given["resume"]

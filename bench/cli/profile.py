@@ -3,13 +3,13 @@ ptflops), latency/throughput and peak memory in one table, beside the papers' fi
 where a paper reports this exact configuration."""
 from __future__ import annotations
 
-from bench.cli_args import parse_options, parse_stages, parse_value  # noqa: F401
+from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
 
 import argparse
 import platform
 from typing import Any, Dict, List, Optional, Tuple
 
-from modules.registry import OptionError
+from attnbench.modules.registry import OptionError
 
 # (backbone, label, exact parameter count or None) -> (params M, GFLOPs or None, source)
 # Exact counts: REFERENCE.md (the configuration the paper row used); None: label only.
@@ -92,7 +92,7 @@ def device_label(device: str, threads: Optional[int] = None) -> str:
             raise OptionError(f"--device {device}: CUDA is not available on this machine")
         return f"{device} ({torch.cuda.get_device_name(dev)})"
     try:
-        from bench.env import cpu_model
+        from attnbench.profilers.env import cpu_model
         name = cpu_model()
     except Exception:  # noqa: BLE001
         name = platform.processor() or platform.machine()
@@ -107,13 +107,13 @@ def run(args) -> int:
     import torch
     from tabulate import tabulate
 
-    import modules  # noqa: F401 - built-in registrations
-    from modules.builder import build_model
+    import attnbench.modules  # noqa: F401 - built-in registrations
+    from attnbench.modules.builder import build_model
 
-    from . import flops as F_
-    from . import memory as M_
-    from . import params as P_
-    from . import speed as S_
+    from attnbench.profilers import flops as F_
+    from attnbench.profilers import memory as M_
+    from attnbench.profilers import params as P_
+    from attnbench.profilers import speed as S_
 
     options = parse_options(args.option)
     stages = parse_stages(args.stages)
@@ -181,7 +181,7 @@ def _speed_rows(S_, fresh, attention, mode, args, timing, dev_text):
         how = stats.method
         ratio = None
     else:
-        from modules.builder import build_model
+        from attnbench.modules.builder import build_model
         import torch
         torch.manual_seed(0)
         plain = build_model(args.backbone, None, num_classes=args.num_classes)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
 DEFAULT_RESOLUTIONS = list(range(168, 449, 28))
 REFERENCE_TRAIN_RES = 224
@@ -130,11 +130,11 @@ def _cell(checkpoint: str, dataset: str, res: int, crop_pct: float) -> str:
 
 def _variant(config: Dict[str, Any], label: str) -> Tuple[str, str, str, Optional[str]]:
     """(module, label, options JSON, stages JSON) as the runner writes them."""
-    from bench.config import canonical_json
+    from attnbench.matrix.config import canonical_json
     module = config.get("attention") or "none"
     opts = dict(config.get("options") or {})
     try:
-        from bench.config import canonical_options
+        from attnbench.matrix.config import canonical_options
         opts, label = canonical_options(module, opts)
     except Exception:  # noqa: BLE001 - unregistered module: keep what the checkpoint says
         pass
@@ -157,9 +157,9 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
     (an int R, or ``"auto"`` for each checkpoint's own training resolution) asks for
     the relative sweep 0.75·R..2·R (see :func:`relative_sweep`).
     """
-    from bench.results import append_rows, finished_cells, new_run_id, write_env
-    from .checkpoint import load_checkpoint
-    from .train import eval_transform, evaluate, image_folder, resize_size
+    from attnbench.results import append_rows, finished_cells, new_run_id, write_env
+    from attnbench.accuracy.checkpoint import load_checkpoint
+    from attnbench.accuracy.train import eval_transform, evaluate, image_folder, resize_size
 
     if not checkpoints:
         raise RobustnessError("robustness: give at least one checkpoint")
@@ -180,7 +180,7 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
                                   checkpoints], "data": dataset, "resolutions": resolutions,
                                   "scale_from": scale_from, "crop_pct": crop_pct}, indent=1)
     try:
-        from bench.env import collect_env
+        from attnbench.profilers.env import collect_env
         env = collect_env(config_text, None, device, run_id)
     except Exception as err:  # noqa: BLE001 - never lose the measurements for the env
         env = {"run_id": run_id, "device": device, "error": f"collect_env: {err}"}
@@ -394,7 +394,7 @@ def register_cli(sub, parent) -> None:
                         "is resumed (finished cells are skipped)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_cli)
-    from . import pipeline
+    from attnbench.accuracy import demo as pipeline
     pipeline.register_cli(sub, parent)
 
 
@@ -416,7 +416,7 @@ def _run_cli(args) -> int:
         crop_pct=args.crop_pct, batch_size=args.batch_size, device=args.device, amp=args.amp,
         workers=args.workers, results=args.results, run_id=args.run_id,
         progress=not args.no_progress)
-    from bench.results import load_rows
+    from attnbench.results import load_rows
     all_rows = load_rows(run_dir / "rows.jsonl")
     print(accuracy_tables(all_rows, "top1"))
     print(f"\nrows: {run_dir / 'rows.jsonl'} ({len(all_rows)} rows)")

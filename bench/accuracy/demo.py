@@ -2,15 +2,15 @@
 
 One command, offline, on the CPU:
 
-1. draw a synthetic dataset (:mod:`bench.data`; default 10 classes = 5 shapes x 2
+1. draw a synthetic dataset (:mod:`attnbench.accuracy.data`; default 10 classes = 5 shapes x 2
    stripe frequencies, images of 2·R pixels);
 2. train ResNet-18 at R² (default R = 64) with and without attention: the plain
-   backbone, SE, CBAM, FCA and TDjoint(T=2, m=1) (:mod:`bench.train`; a module that
+   backbone, SE, CBAM, FCA and TDjoint(T=2, m=1) (:mod:`attnbench.accuracy.train`; a module that
    is not registered or fails is reported and skipped, the others go on);
 3. evaluate every checkpoint over the relative sweep 0.75·R .. 2·R in steps of R/8
    (for R = 64: 48² .. 128² step 8 -- the analogue of the paper's 224² training and
    168² .. 448² step 28 test sweep) with the single-crop protocol
-   (:mod:`bench.robustness`), writing rows to ``results/<run_id>/``;
+   (:mod:`attnbench.accuracy.robustness`), writing rows to ``results/<run_id>/``;
 4. print a Table-2-like accuracy table (and the full sweep).
 
 The same steps on real data and a GPU are the paper's protocol::
@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
 
 #: (name, module, options) trained by default
 DEMO_MODELS: List[Tuple[str, str, Dict[str, Any]]] = [
@@ -96,11 +96,11 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
              nuisance: float = 0.3, rrc_scale: Sequence[float] = (0.25, 1.0),
              run_id: Optional[str] = None, progress: bool = True, log=print) -> Dict[str, Any]:
     """Run the whole demo; returns ``{"rows", "run_dir", "trained", "failed", "seconds"}``."""
-    from bench.results import append_rows, new_run_id
-    from modules.registry import REGISTRY
-    from .data import make_dataset
-    from .robustness import accuracy_tables, evaluate_checkpoints, relative_sweep, sweep_text
-    from .train import TrainConfig, train
+    from attnbench.results import append_rows, new_run_id
+    from attnbench.modules.registry import REGISTRY
+    from attnbench.accuracy.data import make_dataset
+    from attnbench.accuracy.robustness import accuracy_tables, evaluate_checkpoints, relative_sweep, sweep_text
+    from attnbench.accuracy.train import TrainConfig, train
 
     t_start = time.perf_counter()
     if threads:
@@ -194,14 +194,14 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
 
 def _failed_rows(run_id, backbone, module, options, name, sweep, train_res, batch, device,
                  dataset, checkpoint, error) -> List[Dict[str, Any]]:
-    from bench.config import canonical_json
+    from attnbench.matrix.config import canonical_json
     label = name
     try:
-        from bench.config import canonical_options
+        from attnbench.matrix.config import canonical_options
         options, label = canonical_options(module, options)
     except Exception:  # noqa: BLE001 - an unregistered module keeps its given options
         pass
-    from .robustness import _cell
+    from attnbench.accuracy.robustness import _cell
     return [{"run_id": run_id, "cell": _cell(checkpoint, dataset, res, 0.875),
              "backbone": backbone, "module": module, "label": label,
              "options": canonical_json(options), "stages": None, "resolution": res,

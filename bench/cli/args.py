@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Optional, Sequence
 
-from modules.registry import OptionError
+from attnbench.modules.registry import OptionError
 
 
 def parse_value(text: str) -> Any:

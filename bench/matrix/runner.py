@@ -1,6 +1,6 @@
 """``attnbench run``: the matrix runner.
 
-A config (:mod:`bench.config`) expands into cells; cells run in units (one cell, or
+A config (:mod:`attnbench.matrix.config`) expands into cells; cells run in units (one cell, or
 one interleaved group of latency cells), each unit in a fresh *worker process* of its
 own (multiprocessing: forked from a ``forkserver`` that has imported torch and the
 profilers once, so a worker starts in a fraction of a second with clean state; ``spawn``
@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from . import results as R
-from .config import (Config, ConfigError, canonical_json, expand, load_config, measure_args,
+from attnbench import results as R
+from attnbench.matrix.config import (Config, ConfigError, canonical_json, expand, load_config, measure_args,
                      units)
 
 MeasureSpec = Union[None, str, Callable[..., Any]]
 
-DEFAULT_MEASURE = "bench.measure:measure_cell"
-DEFAULT_MEASURE_GROUP = "bench.measure:measure_group"
+DEFAULT_MEASURE = "attnbench.matrix.measure:measure_cell"
+DEFAULT_MEASURE_GROUP = "attnbench.matrix.measure:measure_group"
 #: the schema's metric and unit a failed cell of each config metric is recorded under
 FAILED_METRIC = {"params": ("params", "count"), "flops": ("flops", "GMac"),
                  "latency": ("latency", "ms"), "memory": ("peak_memory", "MiB")}
@@ -95,7 +95,7 @@ def _worker_main(conn, measure: MeasureSpec, measure_group: MeasureSpec,
         sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     try:
         if plugins or measure is None:  # an injected measure alone needs no registry
-            from bench import plugins as plugin_loader
+            from attnbench.plugins import loader as plugin_loader
             plugin_loader.load_all(list(plugins))
         cell_fn = _resolve(measure or DEFAULT_MEASURE)
         if measure_group is None and measure is not None:
@@ -137,7 +137,7 @@ def _worker_main(conn, measure: MeasureSpec, measure_group: MeasureSpec,
                 return
 
 
-_PRELOAD = ["modules", "bench.runner", "bench.measure", "fvcore.nn", "ptflops"]
+_PRELOAD = ["modules", "attnbench.matrix.runner", "attnbench.matrix.measure", "fvcore.nn", "ptflops"]
 
 
 def _context(*measures: MeasureSpec):
@@ -149,7 +149,7 @@ def _context(*measures: MeasureSpec):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # the profilers' imports for the default measure; an injected one brings its own
-    preload = list(_PRELOAD) if all(m is None for m in measures) else ["bench.runner"]
+    preload = list(_PRELOAD) if all(m is None for m in measures) else ["attnbench.matrix.runner"]
     for m in measures:
         if m is None:
             continue
@@ -413,7 +413,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
     """Run (or resume) a config; returns a :class:`RunSummary` (``exit_code``).
 
     ``measure`` / ``measure_group``: callables or ``"module:function"`` strings
-    (default ``bench.measure.measure_cell`` / ``measure_group``, imported in the worker);
+    (default ``attnbench.matrix.measure.measure_cell`` / ``measure_group``, imported in the worker);
     callables must be importable module-level functions (pickled by reference). With
     ``measure`` alone, grouped cells are measured one by one. ``max_units`` stops after
     that many units (as if interrupted, exit code 130); ``after_unit(n)`` is called after
@@ -555,7 +555,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
 
 
 def _write_env(run_dir: Path, cfg: Config, run_id: str) -> None:
-    from .env import collect_env
+    from attnbench.profilers.env import collect_env
     env = collect_env(cfg.text, cfg.path, cfg.device, run_id=run_id)
     if cfg.threads is not None:
         env["threads"] = cfg.threads
@@ -630,7 +630,7 @@ def register_cli(sub, parent) -> None:
 
 def _loaded_plugins(args) -> List[str]:
     try:
-        from bench.plugins import loaded_plugins
+        from attnbench.plugins.loader import loaded_plugins
         return list(loaded_plugins())
     except ImportError:  # pragma: no cover
         return list(getattr(args, "plugin", []) or [])

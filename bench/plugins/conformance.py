@@ -31,7 +31,7 @@ if no check FAILs (WARN and SKIP do not fail).
 """
 from __future__ import annotations
 
-from bench.cli_args import parse_options, parse_stages, parse_value  # noqa: F401
+from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
 
 import io
 import time
@@ -105,14 +105,14 @@ class ModuleChecker:
 
     # helpers ---------------------------------------------------------------
     def build(self, seed: Optional[int] = None) -> nn.Module:
-        from modules.builder import build_model
+        from attnbench.modules.builder import build_model
         torch.manual_seed(self.seed if seed is None else seed)
         model = build_model(self.backbone, self.name, stages=self.stages,
                             num_classes=self.num_classes, **self.options)
         return model.to(self.device)
 
     def plain(self) -> nn.Module:
-        from modules.builder import build_model
+        from attnbench.modules.builder import build_model
         torch.manual_seed(self.seed)
         return build_model(self.backbone, num_classes=self.num_classes).to(self.device)
 
@@ -179,7 +179,7 @@ class ModuleChecker:
         return self.results
 
     def check_registry(self) -> str:
-        from modules.registry import REGISTRY
+        from attnbench.modules.registry import REGISTRY
         self.spec = REGISTRY.get(self.name)  # UnknownNameError names the closest names
         return f"kind {self.spec.kind}; {self.spec.source}"
 
@@ -206,7 +206,7 @@ class ModuleChecker:
 
     # standalone ----------------------------------------------------------------
     def check_standalone(self) -> str:
-        from modules.builder import make_gate, block_out_channels, resolve_stages
+        from attnbench.modules.builder import make_gate, block_out_channels, resolve_stages
         kind = self.spec.kind
         opts = self.spec.options(self.options)
         if kind == "network":
@@ -429,7 +429,7 @@ class ModuleChecker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit deprecation notes on import
             import fvcore.nn  # noqa: F401
-            from bench import flops
+            from attnbench.profilers import flops
         count = flops.count_fvcore if counter == "fvcore" else flops.count_ptflops
         res = self.flops_resolution
         got = count(self.build().eval(), res)

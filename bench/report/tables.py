@@ -1,7 +1,7 @@
 """Tables of ``attnbench report``: tidy result rows in, Markdown / LaTeX tables out.
 
 Every table holds the figures of ONE group -- one run on one device (see
-:func:`bench.report.groups`) -- so figures from different devices or runs never share a
+:func:`attnbench.report.build.groups`) -- so figures from different devices or runs never share a
 table. Inside a group the tables are modelled on the TDAM paper:
 
 * cost table (Table 1): method, backbone, params (M), FLOPs (G; one column per counter,

@@ -11,7 +11,7 @@ Rows per metric:
 
 * ``params``: ``params`` and ``params_attention`` (count), mode ``null``.
 * ``flops``: ``flops`` by fvcore and by ptflops-pytorch (GMac, batch 1, with the
-  counting rules of :mod:`bench.flops`; ``method`` names counter and rules, the
+  counting rules of :mod:`attnbench.profilers.flops`; ``method`` names counter and rules, the
   extra column ``uncounted`` lists ops left at zero) and ``flops_disagreement`` (%;
   ``DISAGREE`` in ``method`` over 2 %), mode ``null``.
 * ``latency`` (timed alone): ``latency``, ``latency_p25``, ``latency_p75`` (ms per
@@ -34,10 +34,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from . import flops as _flops
-from . import memory as _memory
-from . import params as _params
-from . import speed as _speed
+from attnbench.profilers import flops as _flops
+from attnbench.profilers import memory as _memory
+from attnbench.profilers import params as _params
+from attnbench.profilers import speed as _speed
 
 SEED = 0
 METRICS = ("params", "flops", "latency", "memory")
@@ -92,7 +92,7 @@ def _cell(cell: Mapping[str, Any]) -> Dict[str, Any]:
 
 def build(cell: Mapping[str, Any]):
     """The cell's model, built from seed 0 on the CPU."""
-    from modules.builder import build_model
+    from attnbench.modules.builder import build_model
     torch.manual_seed(SEED)
     module = cell["module"]
     return build_model(cell["backbone"], None if module in (None, "", "none") else module,
@@ -102,8 +102,8 @@ def build(cell: Mapping[str, Any]):
 
 def _label(cell: Mapping[str, Any]) -> Optional[str]:
     try:
-        import modules  # noqa: F401 - built-in registrations
-        from modules.registry import get
+        import attnbench.modules  # noqa: F401 - built-in registrations
+        from attnbench.modules.registry import get
         if cell["module"] in (None, "", "none"):
             return "none"
         return get(cell["module"]).display(cell.get("options") or {})

@@ -19,7 +19,7 @@ def count_params(model: nn.Module) -> int:
 
 def plain_params(backbone: str, num_classes: int = 1000) -> int:
     """Parameters of the plain torchvision backbone with ``num_classes`` outputs."""
-    from modules.builder import plain_backbone
+    from attnbench.modules.builder import plain_backbone
     return count_params(plain_backbone(backbone, num_classes))
 
 
@@ -29,7 +29,7 @@ def attention_params(model: nn.Module, backbone: Optional[str] = None,
     ``num_classes`` (``count_params(model) - count_params(plain)``).
 
     ``backbone`` / ``num_classes`` default to the build arguments a model from
-    :func:`modules.builder.build_model` carries in ``model.attnbench_config``.
+    :func:`attnbench.modules.builder.build_model` carries in ``model.attnbench_config``.
     The result can be negative for a method that removes parameters.
     """
     config = getattr(model, "attnbench_config", None) or {}

@@ -35,7 +35,7 @@ from typing import Iterable, List, Optional
 import torch
 from torch import nn
 
-from .speed import Step, num_threads
+from attnbench.profilers.speed import Step, num_threads
 
 MIB = 2.0 ** 20
 

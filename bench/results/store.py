@@ -15,7 +15,32 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from modules.registry import AttnbenchError
+from attnbench.modules.registry import AttnbenchError
+
+__all__ = [
+    "ROW_COLUMNS",
+    "ENV_KEYS",
+    "STATUSES",
+    "ROWS_FILE",
+    "ENV_FILE",
+    "CONFIG_FILE",
+    "ResultsError",
+    "atomic_write",
+    "atomic_write_text",
+    "check_row",
+    "encode_row",
+    "rows_text",
+    "write_rows",
+    "append_rows",
+    "write_env",
+    "load_rows",
+    "load_env",
+    "load_run",
+    "run_dirs",
+    "load_all",
+    "finished_cells",
+    "new_run_id",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 

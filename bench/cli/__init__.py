@@ -13,13 +13,13 @@ from typing import List, Optional
 
 # module providing each subcommand, in the order --help lists them
 COMMAND_MODULES = [
-    "bench.cmd_list",
-    "bench.cmd_profile",
-    "bench.runner",
-    "bench.report",
-    "bench.train",
-    "bench.robustness",
-    "bench.check_module",
+    "attnbench.cli.listing",
+    "attnbench.cli.profile",
+    "attnbench.matrix.runner",
+    "attnbench.report.build",
+    "attnbench.accuracy.train",
+    "attnbench.accuracy.robustness",
+    "attnbench.plugins.conformance",
 ]
 
 
@@ -55,9 +55,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.plugin = list(args.plugin) + list(getattr(args, "plugin_after", []))
-    from modules.registry import AttnbenchError
+    from attnbench.modules.registry import AttnbenchError
     try:
-        from bench import plugins
+        from attnbench.plugins import loader as plugins
         plugins.load_all(args.plugin)
         return int(args.func(args) or 0)
     except AttnbenchError as err:

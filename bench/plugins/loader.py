@@ -1,6 +1,6 @@
 """Plugins: attention modules from outside this package, in the one registry.
 
-Three ways in, all ending in :func:`modules.registry.register`:
+Three ways in, all ending in :func:`attnbench.modules.registry.register`:
 
 1. ``--plugin path/to/file.py`` or ``--plugin package.module`` on any command
    (:func:`load_plugin`, :func:`load_all`). A file is imported under a unique module
@@ -31,8 +31,8 @@ import warnings
 from types import ModuleType
 from typing import Dict, Iterable, List, Optional
 
-import modules  # noqa: F401  (built-ins first, so plugin clashes are detected)
-from modules.registry import REGISTRY, AttnbenchError, ModuleSpec
+import attnbench.modules  # noqa: F401  (built-ins first, so plugin clashes are detected)
+from attnbench.modules.registry import REGISTRY, AttnbenchError, ModuleSpec
 
 ENTRY_POINT_GROUP = "attnbench.modules"
 

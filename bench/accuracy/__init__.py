@@ -1,0 +1,1 @@
+"""Accuracy: offline data, training, checkpoints, test-resolution robustness, the demo."""

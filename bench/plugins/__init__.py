@@ -1,0 +1,1 @@
+"""Plugins: loading user modules (files, dotted names, entry points) and the conformance kit."""

@@ -1,0 +1,1 @@
+"""Profilers: parameters, FLOPs, speed, memory and the environment of a measurement."""

@@ -1,0 +1,1 @@
+"""Reports: tables and plots generated from the results store, measuring nothing."""

@@ -1,0 +1,1 @@
+"""The built-in matrix configs (TOML files; ``attnbench run default``). Data only."""
