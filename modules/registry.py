@@ -161,6 +161,20 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._specs
 
+    def snapshot(self) -> Dict[str, ModuleSpec]:
+        """A copy of name -> spec, for :meth:`restore` (plugin roll-back, test isolation)."""
+        return dict(self._specs)
+
+    def restore(self, snapshot: Mapping[str, ModuleSpec]) -> None:
+        """Put the registry back exactly as it was when ``snapshot`` was taken."""
+        self._specs.clear()
+        self._specs.update(snapshot)
+
+    def set_source(self, name: str, source: str) -> None:
+        """Record where a registered module came from (``builtin`` / ``plugin ...``)."""
+        import dataclasses
+        self._specs[name] = dataclasses.replace(self._specs[name], source=source)
+
 
 def _check_spec(spec: ModuleSpec) -> None:
     if not spec.name or not spec.name.replace("_", "").replace("-", "").isalnum() \

@@ -36,7 +36,7 @@ def count(model):
 @pytest.fixture
 def clean_plugins(monkeypatch):
     """Each test starts from the built-ins and leaves the registry as it found it."""
-    specs = dict(REGISTRY._specs)
+    specs = REGISTRY.snapshot()
     mods = set(sys.modules)
     monkeypatch.setattr(plugins, "_loaded", [])
     monkeypatch.setattr(plugins, "_file_modules", {})
@@ -45,8 +45,7 @@ def clean_plugins(monkeypatch):
     monkeypatch.setattr(plugins, "_entry_points_done", False)
     monkeypatch.setattr(plugins, "_entry_points", lambda: [])  # the venv's own: not here
     yield
-    REGISTRY._specs.clear()
-    REGISTRY._specs.update(specs)
+    REGISTRY.restore(specs)
     for name in set(sys.modules) - mods:
         if name.startswith(("attnbench_plugin_", "attnbench_coordatt", "brokenplug")):
             del sys.modules[name]

@@ -176,11 +176,11 @@ def test_broken_entry_point_warns_rolls_back_and_spares_the_rest(tmp_path, monke
 # ----------------------------------------------------------------------------- bad plugins
 def _load_bad(tmp_path, body, name="bad.py"):
     path = write(tmp_path, name, body)
-    before = dict(REGISTRY._specs)
+    before = REGISTRY.snapshot()
     loaded = plugins.loaded_plugins()
     with pytest.raises(plugins.PluginError) as info:
         plugins.load_all([str(path)])
-    assert REGISTRY._specs == before, "a failed plugin must leave the registry as it was"
+    assert REGISTRY.snapshot() == before, "a failed plugin must leave the registry as it was"
     assert plugins.loaded_plugins() == loaded
     return path, info.value
 

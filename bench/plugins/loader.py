@@ -19,7 +19,6 @@ same plugins: pass them :func:`loaded_plugins` and call :func:`load_all` there
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -212,7 +211,7 @@ def _import_module(name: str) -> ModuleType:
 
 def _guarded(what: str, path: Optional[str], load, source: str, key: Optional[str] = None):
     """Run ``load`` with the registry snapshotted; on any error restore it and raise."""
-    before = dict(REGISTRY._specs)
+    before = REGISTRY.snapshot()
     try:
         module = load()
     except PluginError:
@@ -225,18 +224,16 @@ def _guarded(what: str, path: Optional[str], load, source: str, key: Optional[st
         raise PluginError(f"{what} failed to load{_where(err, path)}: "
                           f"{type(err).__name__}: {err}; no module of it was registered"
                           ) from err
-    added = [n for n, s in REGISTRY._specs.items() if before.get(n) is not s]
+    added = [n for n, s in REGISTRY.snapshot().items() if before.get(n) is not s]
     for name in added:  # a readable source for `attnbench list` and clash messages
-        spec = REGISTRY._specs[name]
-        if spec.source.startswith("plugin "):
-            REGISTRY._specs[name] = dataclasses.replace(spec, source=source)
+        if REGISTRY.get(name).source.startswith("plugin "):
+            REGISTRY.set_source(name, source)
     _names_by_plugin[key or (path or what)] = added
     return module
 
 
 def _restore(before: Dict[str, ModuleSpec]) -> None:
-    REGISTRY._specs.clear()
-    REGISTRY._specs.update(before)
+    REGISTRY.restore(before)
 
 
 def _where(err: BaseException, path: Optional[str]) -> str:

@@ -1,3 +1,8 @@
-"""The results store: tidy rows in ``results/<run_id>/rows.jsonl`` plus ``env.json``."""
+"""The results store (``results/<run_id>/rows.jsonl`` + ``env.json``) and its rows."""
+from attnbench.results.rows import (RESOLUTION_SWEEP, base_row, canonical_json,  # noqa: F401
+                                    error_text, failed_rows, is_oom, ok_row, short_hash)
 from attnbench.results.store import *  # noqa: F401,F403
-from attnbench.results.store import __all__  # noqa: F401
+from attnbench.results.store import __all__ as _store_all
+
+__all__ = list(_store_all) + ["RESOLUTION_SWEEP", "base_row", "canonical_json", "error_text",
+                              "failed_rows", "is_oom", "ok_row", "short_hash"]
