@@ -217,7 +217,7 @@ def _guarded(what: str, path: Optional[str], load, source: str, key: Optional[st
     except PluginError:
         _restore(before)
         raise
-    except BaseException as err:  # noqa: B902  (SystemExit in a plugin too)
+    except BaseException as err:  # noqa: BLE001  (SystemExit in a plugin too)
         _restore(before)
         if isinstance(err, KeyboardInterrupt):
             raise
