@@ -36,9 +36,23 @@ Choices the paper leaves open, and what this implementation does:
   ``K + A (.) K`` but one fewer full-size temporary (only rounding can differ).
 * **Initialisation**: PyTorch defaults (BN weight 1, bias 0), so A starts near 0.5;
   the paper does not say otherwise.
-* **The batched convolution**: the per-sample weights are applied in one grouped
-  convolution, batch folded into channels -- input (1, N*C1, H, W), weight
-  (N*C2, C1/g, h, w), groups = N*g -- never a loop over samples.
+* **The batched convolution** has three exact formulations (:data:`FORMULATIONS`),
+  chosen per call by :func:`choose_formulation` from the layer's shape and the device
+  (``AWConv2d.formulation`` or :func:`use_formulation` force one):
+
+  - ``grouped``: the per-sample weights AK (N, C2, C1/g, h, w) in ONE grouped
+    convolution, batch folded into channels -- input (1, N*C1, H, W), weight
+    (N*C2, C1/g, h, w), groups = N*g.
+  - ``loop``: the same AK, one dense convolution per sample.
+  - ``taps``: AK is never materialised. A depends only on (sample, output channel,
+    tap), so O = sum over taps t of (1 + A[:, :, t]) * P_t with P_t the 1x1
+    convolution of the input, shifted to tap t, by K[:, :, t]: the multiply-adds of
+    one dense convolution, plus h*w scaled additions of the output.
+
+  They differ in memory traffic: ``grouped``/``loop`` write and read N*C2*(C1/g)*h*w
+  weights, ``taps`` N*C2*Ho*Wo*h*w partial outputs, so ``taps`` wins where the output
+  map is small against the input channels (ResNet layers 3-4) and the others where it
+  is large. Every formulation equals the per-sample float64 reference (tests/test_aw.py).
 * **groups > 1** in the replaced conv (not in the paper): supported; A still has
   one h x w map per output channel, broadcast over that channel's C1/g inputs,
   and Pointconv1 sees all C1 input channels.
@@ -49,12 +63,15 @@ Torch ops in :meth:`AWConv2d.forward` (for FLOP counters): ``adaptive_avg_pool2d
 ``conv2d`` (1x1, C1 -> C1/r), ``batch_norm``, ``relu_``, ``conv2d`` (1x1, C1/r -> C2),
 ``batch_norm``, ``sigmoid``, ``unsqueeze``, ``add`` (1 + A, N*C2*h*w elements),
 ``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
-``repeat`` (bias), then ONE functional ``F.conv2d`` with groups = N*g (per sample
-the FLOPs of the original conv), and a final ``view``.
+``repeat`` (bias), then (``grouped``) ONE functional ``F.conv2d`` with groups = N*g (per sample the
+FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
+makes h*w 1x1 convs on strided views (together the FLOPs of the original conv) and
+h*w ``mul``/``add`` of the output's size.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import contextlib
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +79,39 @@ from torch import nn
 
 from .common import check_4d, reduced
 from .registry import OptionError, register
+
+
+#: the exact formulations of F2-F3 (eq. 5-6); ``auto`` picks one per call
+FORMULATIONS = ("auto", "grouped", "loop", "taps")
+
+
+def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: str) -> str:
+    """The formulation for a batch of ``n`` (``taps`` = h*w, ``out_hw`` = Ho*Wo).
+
+    ``taps`` moves N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w weights,
+    so it is chosen when Ho*Wo < C1/g; otherwise one sample uses the plain dense conv
+    (``loop``) and larger batches the grouped conv (``grouped``).
+    """
+    if out_hw < c1g:
+        return "taps"
+    return "loop" if n == 1 or device_type == "cpu" else "grouped"
+
+
+_forced: Optional[str] = None
+
+
+@contextlib.contextmanager
+def use_formulation(name: str) -> Iterator[None]:
+    """Force one formulation for every AW-conv inside the block (benchmarks, tests)."""
+    global _forced
+    if name not in FORMULATIONS:
+        raise OptionError(f"aw: formulation must be one of {', '.join(FORMULATIONS)}, "
+                          f"got {name!r}")
+    old, _forced = _forced, (None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _forced = old
 
 
 def _label(opts: Mapping[str, Any]) -> str:
@@ -125,6 +175,9 @@ class AWConv2d(nn.Module):
         """A of eq. 7-8 in broadcastable form: (N, C2, 1, h, w) (the 1 expands over C1)."""
         return self.branch(x).unsqueeze(2)
 
+    #: ``auto`` (choose per call) or one of :data:`FORMULATIONS`, for this instance
+    formulation = "auto"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d(x, "aw")
         n, c, hin, win = x.shape
@@ -137,15 +190,55 @@ class AWConv2d(nn.Module):
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
+            padding = (0, 0)
+        how = self.formulation_for(x, padding)
+        if how == "taps":
+            return self._taps(x, a, padding)
         # F2 (eq. 6): AK = K + A (.) K = K * (1 + A), shape (N, C2, C1/g, h, w)
         ak = self.weight * (1 + a)
+        if how == "loop":
+            return torch.cat([F.conv2d(x[i:i + 1], ak[i], self.bias, self.stride, padding,
+                                       self.dilation, self.groups) for i in range(n)])
         ak = ak.reshape(n * self.out_channels, *self.weight.shape[1:])
         bias = self.bias.repeat(n) if self.bias is not None else None
         # F3 (eq. 5): the whole batch in one grouped convolution
         out = F.conv2d(x.reshape(1, n * c, x.shape[2], x.shape[3]), ak, bias, self.stride,
                        padding, self.dilation, n * self.groups)
         return out.view(n, self.out_channels, out.shape[2], out.shape[3])
+
+    def formulation_for(self, x: torch.Tensor, padding) -> str:
+        """The formulation used for input ``x`` (already padded if not zero-padded)."""
+        forced = _forced or (None if self.formulation == "auto" else self.formulation)
+        if forced:
+            return forced
+        ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
+        c2, c1g, h, w = self.weight.shape
+        return choose_formulation(x.shape[0], c1g, h * w, ho * wo, x.device.type)
+
+    def _out_size(self, hin: int, win: int, padding):
+        (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation
+        return ((hin + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1,
+                (win + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1)
+
+    def _taps(self, x: torch.Tensor, a: torch.Tensor, padding) -> torch.Tensor:
+        """O = sum_t (1 + A_t) * conv1x1(shift_t(I), K_t): eq. 5-6 without materialising AK."""
+        (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation
+        ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
+        if padding[0] or padding[1]:
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        scale = 1 + a[:, :, 0]  # (N, C2, h, w)
+        out = None
+        for j in range(kh):
+            for k in range(kw):
+                xs = x[:, :, j * dh: j * dh + sh * (ho - 1) + 1: sh,
+                       k * dw: k * dw + sw * (wo - 1) + 1: sw]
+                q = F.conv2d(xs, self.weight[:, :, j:j + 1, k:k + 1], None, 1, 0, 1,
+                             self.groups)
+                s = scale[:, :, j, k, None, None]
+                out = q * s if out is None else out.addcmul_(q, s)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The replaced convolution with K itself (used for empty batches)."""

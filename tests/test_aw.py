@@ -77,10 +77,15 @@ def test_registered():
     assert spec.factory is AWConv2d
 
 
+FORMS = ["grouped", "loop", "taps"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_matches_per_sample_reference_eval(batch, stride):
+def test_matches_per_sample_reference_eval(batch, stride, form):
     m = make_aw(stride=stride).eval()
+    m.formulation = form
     x = torch.randn(batch, 16, 9, 11, dtype=torch.float64)
     with torch.no_grad():
         att = torch.cat([reference_attention(m, x[i:i + 1]) for i in range(batch)])
@@ -94,13 +99,15 @@ def test_matches_per_sample_reference_eval(batch, stride):
         assert (att[0] - att[1]).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("cfg", [
     dict(stride=1), dict(stride=2), dict(stride=2, bias=True), dict(groups=2, stride=2),
     dict(groups=4, bias=True), dict(dilation=2), dict(padding_mode="reflect", stride=2),
 ])
-def test_matches_per_sample_loop_train(cfg):
+def test_matches_per_sample_loop_train(cfg, form):
     """Train mode (BN batch statistics couple the samples' A, so A comes from the module)."""
     m = make_aw(**cfg).train()
+    m.formulation = form
     x = torch.randn(3, 16, 10, 7, dtype=torch.float64)
     with torch.no_grad():
         att = m.attention_maps(x)
@@ -144,12 +151,47 @@ def test_one_grouped_conv_per_batch(monkeypatch):
         return real(inp, weight, *args, **kwargs)
 
     m = make_aw(groups=2, stride=2)
+    m.formulation = "grouped"
     x = torch.randn(5, 16, 9, 9, dtype=torch.float64)
     monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
     m(x)
     big = [c for c in calls if c[1][2:] == (3, 3)]
     assert big == [((1, 5 * 16, 9, 9), (5 * 24, 8, 3, 3), 5 * 2)]
     assert len(calls) == 3  # + the two pointwise convs of the branch
+
+
+@pytest.mark.parametrize("cfg", [dict(stride=2, bias=True), dict(groups=2), dict(dilation=2)])
+def test_formulations_have_equal_gradients(cfg):
+    """Train mode, float64: every formulation gives the same output and gradients
+    (input, conv weight and bias, and the attention branch's parameters)."""
+    results = {}
+    for form in FORMS:
+        m = make_aw(**cfg).train()
+        m.formulation = form
+        x = torch.randn(3, 16, 10, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(True)
+        out = m(x)
+        out.pow(2).sum().backward()
+        results[form] = [out.detach(), x.grad] + [p.grad for p in m.parameters()]
+    for form in FORMS[1:]:
+        for a, b in zip(results["grouped"], results[form]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_automatic_choice_follows_the_shape():
+    from attnbench.modules.aw import choose_formulation, use_formulation
+    # ResNet-50 at 224: layer1 (56x56 out, 64 in) and layer4 (7x7 out, 512 in)
+    assert choose_formulation(8, 64, 9, 56 * 56, "cpu") == "loop"
+    assert choose_formulation(8, 512, 9, 7 * 7, "cpu") == "taps"
+    assert choose_formulation(8, 64, 9, 56 * 56, "cuda") == "grouped"
+    m = make_aw()
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    with use_formulation("taps"):
+        assert m.formulation_for(x, m.padding) == "taps"
+    assert m.formulation_for(x, m.padding) == "loop"  # 81 output positions > 16 inputs
+    with pytest.raises(OptionError, match="formulation must be one of"):
+        with use_formulation("fast"):
+            pass
 
 
 def test_gradients_reach_every_parameter():
