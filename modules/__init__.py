@@ -1,9 +1,9 @@
 """Attention modules, their registry and the backbone builder.
 
 Importing this package registers every built-in module. To add one, write a file
-like ``modules/se.py`` (``attnbench.modules.se``) (a factory decorated with :func:`register`) and import it
-below -- or, without touching this package, use the plugin interface (README,
-"Add a new module").
+like ``modules/se.py`` (``attnbench.modules.se``: a factory decorated with
+:func:`register`) and import it below -- or, without touching this package, use
+the plugin interface (README, "Add a new module").
 """
 if __name__ != "attnbench.modules":  # imported as the old top-level ``modules``
     raise ImportError("the top-level package 'modules' is now 'attnbench.modules': use "

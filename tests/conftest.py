@@ -6,11 +6,12 @@ import torch
 
 from attnbench.plugins import loader as plugins
 from attnbench.modules.registry import REGISTRY
+from attnbench.results import RESOLUTION_SWEEP
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 # The sweep of the TDAM paper's Table 2 / Fig. 3: 168^2 to 448^2 in steps of 28.
-RESOLUTIONS = list(range(168, 449, 28))
+RESOLUTIONS = list(RESOLUTION_SWEEP)
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,8 @@ def test_formulations_have_equal_gradients(cfg):
     for form in FORMS:
         m = make_aw(**cfg).train()
         m.formulation = form
-        x = torch.randn(3, 16, 10, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(3, 16, 10, 7, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1))
         x.requires_grad_(True)
         out = m(x)
         out.pow(2).sum().backward()

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from attnbench.plugins import loader as plugins
-from attnbench.plugins.conformance import FAIL, PASS, SKIP, WARN, ModuleChecker, parse_options
+from attnbench.cli.args import parse_options
+from attnbench.plugins.conformance import (FAIL, PASS, SKIP, WARN, Check, ModuleChecker, exit_code,
+                                          report_text)
 from attnbench.cli import main
 from attnbench.modules.registry import OptionError, register
 
@@ -261,6 +263,20 @@ def test_parse_options():
         "name": "a b"}
     with pytest.raises(OptionError, match="expected KEY=VALUE"):
         parse_options(["reduction"])
+
+
+def test_report_text_and_exit_code():
+    """The library gives the table and the exit status; the command only prints them."""
+    fine = [Check("registry", PASS, "kind gate"), Check("channels_last", WARN, "differs"),
+            Check("flops fvcore", SKIP, "--no-flops")]
+    text = report_text("mine", fine)
+    assert text.splitlines()[-2:] == ["", "mine: 1 pass, 1 warn, 1 skip -- conforms"]
+    assert "channels_last  WARN" in text
+    assert exit_code(fine) == 0
+    broken = fine + [Check("build", FAIL, "boom")]
+    assert report_text("mine", broken).splitlines()[-1] == \
+        "mine: 1 pass, 1 warn, 1 skip, 1 fail -- FAILED: build"
+    assert exit_code(broken) == 1
 
 
 def test_cli_exit_status_and_table(tmp_path, capsys):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from attnbench import modules
-from attnbench.matrix.config import (ConfigError, cell_id, expand, load_config, parse_config,
-                          resolve_path, units)
+from attnbench.matrix.config import (ConfigError, expand, load_config, parse_config,
+                                     resolve_path, units)
+from attnbench.results import Cell, cell_id
 
 SWEEP = list(range(168, 449, 28))
 
@@ -43,38 +44,41 @@ def test_tiny_counts():
     # 3 models x 2 resolutions x (params, flops, latency) + memory at 64 px
     assert len(cells) == 3 * 2 * 3 + 3
     assert len(units(cells)) == 6 + 6 + 2 + 3
-    assert {c["num_classes"] for c in cells} == {10}
+    assert {c.num_classes for c in cells} == {10}
+    assert all(isinstance(c, Cell) for c in cells)
+    # ids are stable across versions: resumed runs and committed results rely on them
+    assert (cells[0].id, cells[0].module, cells[0].resolution) == ("67d09ec6a1a1", "none", 64)
 
 
 def test_default_covers_every_module_metric_and_the_sweep():
     cfg = load_config("default")
     cells = expand(cfg)
-    assert set(modules.REGISTRY.names()) <= {c["module"] for c in cells}
-    labels = {c["label"] for c in cells}
+    assert set(modules.REGISTRY.names()) <= {c.module for c in cells}
+    labels = {c.label for c in cells}
     assert {"TDjoint(T=2,m=1)", "TDtop(T=2,m=1)", "TDtop(T=2,m=3)", "AW", "AW-SE",
             "SE", "CBAM", "ECA", "none"} <= labels
-    assert {c["metrics"][0] for c in cells} == {"params", "flops", "latency", "memory"}
+    assert {c.metrics[0] for c in cells} == {"params", "flops", "latency", "memory"}
     for metric in ("flops", "latency"):
         for label in labels:
-            res = {c["resolution"] for c in cells
-                   if c["metrics"] == [metric] and c["label"] == label}
+            res = {c.resolution for c in cells
+                   if c.metrics == (metric,) and c.label == label}
             assert set(SWEEP) <= res, (metric, label)
-    assert {c["backbone"] for c in cells} == {"resnet50"} and cfg.device == "cpu"
-    aw_se = next(c for c in cells if c["label"] == "AW-SE")
-    assert aw_se["options"]["gate"] == "se"
-    m3 = next(c for c in cells if c["label"] == "TDtop(T=2,m=3)")
-    assert m3["stages"] == "paper-r50-m3" and m3["options"]["m"] == 3
-    assert {c["mode"] for c in cells if c["metrics"] == ["memory"]} == {"eval", "train"}
+    assert {c.backbone for c in cells} == {"resnet50"} and cfg.device == "cpu"
+    aw_se = next(c for c in cells if c.label == "AW-SE")
+    assert aw_se.options["gate"] == "se"
+    m3 = next(c for c in cells if c.label == "TDtop(T=2,m=3)")
+    assert m3.stages == "paper-r50-m3" and m3.options["m"] == 3
+    assert {c.mode for c in cells if c.metrics == ("memory",)} == {"eval", "train"}
 
 
 def test_paper_matrix():
     cfg = load_config("paper")
     cells = expand(cfg)
     assert cfg.device == "cuda" and cfg.amp is False
-    r101 = {c["label"] for c in cells if c["backbone"] == "resnet101"}
+    r101 = {c.label for c in cells if c.backbone == "resnet101"}
     assert {"SE", "CBAM", "FCA-TS", "TDjoint(T=2,m=1)", "TDjoint(T=2,m=1,L4)"} <= r101
     assert "ECA" not in r101 and "TDtop(T=2,m=3)" not in r101
-    assert {c["batch"] for c in cells if c["metrics"] == ["memory"]} == {256}
+    assert {c.batch for c in cells if c.metrics == ("memory",)} == {256}
 
 
 def test_resolution_range_and_units():
@@ -86,14 +90,14 @@ batches = [1, 2]
 modes = ["eval", "train"]
 """)
     cells = expand(cfg)
-    flops = [c for c in cells if c["metrics"] == ["flops"]]
-    lat = [c for c in cells if c["metrics"] == ["latency"]]
-    assert len(flops) == 2 * 11 and {c["batch"] for c in flops} == {1}
-    assert {c["mode"] for c in flops} == {None}
+    flops = [c for c in cells if c.metrics == ("flops",)]
+    lat = [c for c in cells if c.metrics == ("latency",)]
+    assert len(flops) == 2 * 11 and {c.batch for c in flops} == {1}
+    assert {c.mode for c in flops} == {None}
     assert len(lat) == 2 * 11 * 2 * 2
     groups = [u for u in units(cells) if len(u) > 1]
     assert len(groups) == 11 * 2 * 2 and all(len(g) == 2 for g in groups)
-    assert all({c["module"] for c in g} == {"none", "se"} for g in groups)
+    assert all({c.module for c in g} == {"none", "se"} for g in groups)
     assert len(units(cells)) == len(flops) + len(groups)
 
 
@@ -107,22 +111,22 @@ metrics = ["flops"]
 resolutions = [224, 256]
 """
     cells = expand(parse(text))
-    ids = [c["cell"] for c in cells]
+    ids = [c.id for c in cells]
     assert len(ids) == len(set(ids)) == 2 * 3  # flops@224 only once
-    assert ids == [c["cell"] for c in expand(parse(text))]
+    assert ids == [c.id for c in expand(parse(text))]
     assert all(len(i) == 12 and cell_id(c) == i for c, i in zip(cells, ids))
-    assert [c["cell"] for c in expand(parse("# hi\n" + text))] == ids
+    assert [c.id for c in expand(parse("# hi\n" + text))] == ids
     # timing settings change latency cells only
     timed = BASE + '[[sweeps]]\nmetrics = ["params", "latency"]\n'
     a, b = expand(parse(timed)), expand(parse(timed + "repeats = 9\n"))
-    same = [x["cell"] == y["cell"] for x, y in zip(a, b)]
-    assert same == [c["metrics"] != ["latency"] for c in a] and len(a) == 4
+    same = [x.id == y.id for x, y in zip(a, b)]
+    assert same == [c.metrics != ("latency",) for c in a] and len(a) == 4
 
 
 def test_interleave_off_gives_single_cells():
     cfg = parse(BASE + '[timing]\ninterleave = false\n')
     cells = expand(cfg)
-    assert all(c["group"] is None for c in cells)
+    assert all(c.group is None for c in cells)
     assert len(units(cells)) == len(cells) == 2 * 4
 
 
@@ -189,7 +193,7 @@ resolutions = [64, 96]
     assert len(all_cells) == 3 * 2 * 2
     se = expand(cfg, ["module=se"])
     # the plain backbone stays in the latency groups as the speed ratios' reference
-    assert {(c["module"], c["metrics"][0]) for c in se} == \
+    assert {(c.module, c.metrics[0]) for c in se} == \
         {("se", "params"), ("se", "latency"), ("none", "latency")}
     assert len(expand(cfg, ["module=se,eca", "resolution=64"])) == 2 + 3
     assert len(expand(cfg, ["metric=params", "resolutions=96"])) == 3
@@ -201,5 +205,6 @@ resolutions = [64, 96]
         expand(cfg, ["colour=red"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         expand(cfg, ["module"])
-    with pytest.raises(ConfigError, match=r"module=cbam matches no cell \(present: eca, none, se\)"):
+    with pytest.raises(ConfigError,
+                       match=r"module=cbam matches no cell \(present: eca, none, se\)"):
         expand(cfg, ["module=cbam"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnbench.accuracy.data import DETAILS, MAX_CLASSES, SHAPES, DataError, class_names, draw_image, \
-    make_dataset
+from attnbench.accuracy.data import DETAILS, MAX_CLASSES, SHAPES, DataError, class_names, \
+    draw_image, make_dataset
 
 
 def _files(root: Path):

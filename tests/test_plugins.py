@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -195,6 +194,49 @@ def test_import_error_names_file_line_and_cause(tmp_path):
     assert isinstance(err.__cause__, ModuleNotFoundError)
 
 
+@pytest.mark.parametrize("in_checkout", [True, False], ids=["checkout", "elsewhere"])
+@pytest.mark.parametrize("line, old, new", [
+    ("from modules.registry import register", "modules", "attnbench.modules"),
+    ("import modules", "modules", "attnbench.modules"),
+    ("from bench.report import build", "bench", "attnbench"),
+])
+def test_old_top_level_import_names_the_new_one(tmp_path, monkeypatch, in_checkout, line, old,
+                                                new):
+    """A plugin written for the old names: from a checkout the folders refuse to be imported
+    by them; elsewhere the names do not exist. Either way the message says what to write."""
+    if in_checkout:
+        monkeypatch.syspath_prepend(str(ROOT))
+    else:
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
+    path, err = _load_bad(tmp_path, f"""
+        from torch import nn
+        {line}
+    """)
+    assert str(err).startswith(f"{path} failed to load ({path}, line 3): ")
+    assert f"it imports '{old}', the old top-level name of '{new}'" in str(err)
+    assert "`from attnbench import register`" in str(err)
+    assert isinstance(err.__cause__, ImportError)
+    assert (type(err.__cause__) is ModuleNotFoundError) is not in_checkout
+    assert old not in sys.modules
+
+
+def test_cli_old_top_level_import_exits_2_naming_the_new_one(tmp_path, capsys):
+    old = write(tmp_path, "oldgate.py", """
+        from torch import nn
+        from modules.registry import register
+
+        @register("oldgate", "gate")
+        class G(nn.Identity):
+            def __init__(self, channels):
+                super().__init__()
+    """)
+    assert main(["list", "--plugin", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attnbench: error: {old} failed to load ({old}, line 3): ")
+    assert "`from attnbench import register`" in err
+    assert "oldgate" not in REGISTRY
+
+
 def test_error_after_registering_rolls_back_every_name(tmp_path):
     path, err = _load_bad(tmp_path, """
         from torch import nn
@@ -342,7 +384,7 @@ def test_cli_plugins_before_and_after_the_subcommand_both_load(tmp_path, capsys)
 def test_cli_list_shows_the_plugin(capsys):
     assert main(["list", "--plugin", str(COORDATT)]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("coordatt"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("coordatt"))
     assert "gate" in line and str(COORDATT) in line
 
 
@@ -372,7 +414,7 @@ def test_cli_profile_with_plugin(capsys):
     plain = build_model("resnet18", num_classes=10)
     extra = sum(p.numel() for p in attention.parameters()) - \
         sum(p.numel() for p in plain.parameters())
-    line = next(l for l in out.splitlines() if l.startswith("attention params"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("attention params"))
     assert str(extra) in line.replace(",", "")
 
 
@@ -415,7 +457,7 @@ def test_cli_run_one_cell_matrix_and_report(tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     import json
-    rows = [json.loads(l) for l in (results / "plug" / "rows.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (results / "plug" / "rows.jsonl").read_text().splitlines()]
     mine = [r for r in rows if r["module"] == "coordatt" and r["metric"] == "params"]
     assert mine and mine[0]["status"] == "ok", rows  # measured in a worker process
     assert mine[0]["value"] == sum(p.numel() for p in
@@ -445,5 +487,5 @@ def test_pip_installed_example_is_found_by_entry_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
     out = subprocess.run([sys.executable, "-m", "attnbench", "list"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("coordatt"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("coordatt"))
     assert "attnbench-coordatt" in line

@@ -410,3 +410,62 @@ def test_profile_paper_lookup_and_option_parsing():
         {"steps": 2, "variant": "top", "flag": True}
     assert cmd_profile.parse_stages('{"3": [0, 1], "4": "all"}') == {"3": [0, 1], "4": "all"}
     assert cmd_profile.parse_stages("paper") == "paper"
+
+
+def test_measure_takes_cells_and_dicts_alike():
+    from attnbench.results import Cell
+    cell = Cell(backbone="resnet18", module="se", resolution=32, batch=1, metrics=("params",),
+                num_classes=10, label="mine")
+    rows = measure.measure_cell(cell)
+    assert rows == measure.measure_cell(cell.to_dict())
+    assert [r["label"] for r in rows] == ["SE", "SE"]  # the model's label, not the cell's
+    assert rows[0]["value"] == params.count_params(build_model("resnet18", "se", num_classes=10))
+
+
+def test_measure_strict_raises_and_stock_flop_rules():
+    from attnbench.modules.registry import UnknownNameError
+    with pytest.raises(UnknownNameError):
+        measure.measure_cell(_cell(module="nope", metrics=["params"]), strict=True)
+    with pytest.raises(UnknownNameError):
+        measure.measure_group([_cell(module="nope", metrics=["latency"])], strict=True)
+    stock = measure.measure_cell(_cell(metrics=["flops"]), flop_rules=False)
+    assert [r["method"] for r in stock[:2]] == ["fvcore", "ptflops-pytorch"]
+    assert stock[2]["method"].startswith("100*|ptflops-pytorch - fvcore|")
+
+
+def test_profile_formats_what_the_measurement_returns(capsys, monkeypatch):
+    """``attnbench profile`` measures through measure_cell / measure_group."""
+    calls = []
+    real_cell, real_group = measure.measure_cell, measure.measure_group
+
+    def spy_cell(cell, **kw):
+        calls.append(("cell", cell.metrics, cell.mode, kw))
+        return real_cell(cell, **kw)
+
+    def spy_group(cells, **kw):
+        calls.append(("group", cells[0].metrics, cells[0].mode, kw))
+        return real_group(cells, **kw)
+    monkeypatch.setattr(measure, "measure_cell", spy_cell)
+    monkeypatch.setattr(measure, "measure_group", spy_group)
+    from attnbench.cli import main
+    assert main(["profile", "resnet18", "se", "--resolution", "32", "--batch", "1",
+                 "--mode", "eval", "--repeats", "2", "--warmup", "0", "--num-classes", "10",
+                 "--stock-flops"]) == 0
+    out = capsys.readouterr().out
+    assert [c[:3] for c in calls] == [("cell", ("params",), "eval"), ("cell", ("flops",), "eval"),
+                                      ("group", ("latency",), "eval"),
+                                      ("cell", ("memory",), "eval")]
+    assert calls[1][3] == {"flop_rules": False, "strict": True}
+    for words in ("resnet18 + SE", "FLOPs fvcore", "fvcore, batch 1, 32px", "latency eval",
+                  "throughput eval", "speed ratio eval", "interleaved: 2 rounds x 2 models",
+                  "peak memory eval", "cpu.profiler-peak"):
+        assert words in out, words
+    assert "train" not in out
+    calls.clear()
+    assert main(["profile", "resnet18", "se", "--resolution", "32", "--batch", "2",
+                 "--mode", "train", "--repeats", "1", "--warmup", "0", "--num-classes", "10",
+                 "--no-flops", "--no-memory", "--alone"]) == 0
+    out = capsys.readouterr().out
+    assert [c[:3] for c in calls] == [("cell", ("params",), "train"),
+                                      ("cell", ("latency",), "train")]
+    assert "latency train" in out and "speed ratio" not in out and "(timed alone)" in out

@@ -5,7 +5,7 @@ from torchvision.models.resnet import Bottleneck
 
 from attnbench import modules
 from attnbench.modules import OptionError, RegistrationError, UnknownNameError, build_model
-from attnbench.modules.registry import ModuleSpec, Registry, register
+from attnbench.modules.registry import Registry, register
 from attnbench.modules.eca import eca_kernel_size
 from attnbench.modules.fca import dct_filters
 

@@ -144,3 +144,78 @@ def test_written_files_are_not_private(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (tmp_path / "rows.jsonl").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --------------------------------------------------------------------------- cells
+
+def _cell(**kw):
+    fields = dict(backbone="resnet18", module="se", resolution=64, batch=2,
+                  metrics=["latency"], options={"reduction": 16}, label="SE", mode="eval")
+    fields.update(kw)
+    return R.Cell(**fields)
+
+
+def test_cell_dict_round_trip_and_stable_id():
+    cell = _cell(group="g1", timeout_s=30.0)
+    assert cell.metrics == ("latency",) and cell.id == R.cell_id(cell) and len(cell.id) == 12
+    data = cell.to_dict()
+    assert data["metrics"] == ["latency"] and data["id"] == cell.id
+    assert json.loads(json.dumps(data)) == data           # plain JSON: goes to a worker
+    assert R.Cell.from_dict(data) == cell and R.Cell.of(data) == cell and R.Cell.of(cell) is cell
+    # the label, the timeout and the group's name are not part of the id; interleaving is
+    assert _cell(label="x", timeout_s=1.0, group="g2").id == cell.id
+    assert _cell().id != cell.id
+    assert _cell(metrics="latency").metrics == ("latency",)
+    assert _cell(module=None).module == "none" and _cell(module="none").plain
+    assert cell.describe() == "resnet18 SE 64px b2 eval latency"
+
+
+def test_cell_id_is_the_hash_of_its_measure_keys():
+    cell = _cell(warmup=None, repeats=None, min_run_time=None)
+    keys = {k: getattr(cell, k) for k in R.MEASURE_KEYS}
+    keys["interleaved"] = False
+    assert cell.id == R.short_hash(keys)
+    assert R.short_hash(keys) == R.short_hash(dict(keys, metrics=["latency"]))
+
+
+def test_cell_resolved_fills_defaults_and_keeps_the_id():
+    cell = _cell(warmup=None, repeats=None, min_run_time=None, device=None, threads=None)
+    full = cell.resolved()
+    assert (full.warmup, full.repeats, full.min_run_time, full.device) == (2, 5, 0.0, "cpu")
+    assert full.threads is None and full.mode == "eval" and full.id == cell.id
+    assert cell.replace(batch=4).id != cell.id and cell.replace(batch=4).batch == 4
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(metrics=["flop"]), "unknown metric(s) ['flop']"),
+    (dict(resolution=0), "resolution must be a positive integer"),
+    (dict(batch=True), "batch must be a positive integer"),
+    (dict(mode="test"), "mode must be eval, train or null"),
+])
+def test_cell_rejects_bad_fields(kw, words):
+    with pytest.raises(ValueError) as err:
+        _cell(**kw)
+    assert words in str(err.value)
+
+
+def test_cell_from_dict_names_missing_and_unknown_keys():
+    data = _cell().to_dict()
+    with pytest.raises(ValueError, match="the cell has no 'batch' key"):
+        R.Cell.from_dict({k: v for k, v in data.items() if k != "batch"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\]"):
+        R.Cell.from_dict(dict(data, colour="red"))
+
+
+def test_cell_base_row_is_the_rows_identity():
+    cell = _cell(stages=[3, 4])
+    row = cell.base_row("train", "SE(r=16)", run_id="r", cell=cell.id)
+    assert list(row) == ["run_id", "cell"] + list(R.rows.BASE_COLUMNS)
+    assert row == R.base_row(backbone="resnet18", module="se", label="SE(r=16)",
+                             options={"reduction": 16}, stages=[3, 4], resolution=64, batch=2,
+                             mode="train", device="cpu", run_id="r", cell=cell.id)
+    assert row["options"] == '{"reduction":16}' and row["stages"] == "[3,4]"
+
+
+def test_cell_states():
+    rows = [row(cell="a"), row(cell="b"), row(cell="b", status="failed"), row(cell=None)]
+    assert R.cell_states(rows) == {"a": "ok", "b": "failed"}

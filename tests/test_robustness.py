@@ -1,4 +1,5 @@
-"""Test-resolution robustness (bench/robustness.py) and the demo (bench/pipeline.py)."""
+"""Test-resolution robustness (attnbench.accuracy.robustness) and the demo
+(attnbench.accuracy.demo)."""
 import json
 
 import pytest
@@ -8,8 +9,9 @@ from PIL import Image
 from attnbench.accuracy.checkpoint import save_checkpoint
 from attnbench.accuracy.data import make_dataset
 from attnbench.results import ROW_COLUMNS, load_rows
-from attnbench.accuracy.robustness import DEFAULT_RESOLUTIONS, RobustnessError, accuracy_tables, \
-    evaluate_checkpoints, parse_resolutions, relative_sweep
+from attnbench.accuracy.robustness import DEFAULT_RESOLUTIONS, CheckpointRows, RobustnessError, \
+    accuracy_tables, evaluate_checkpoints, model_variant, parse_resolutions, relative_sweep, \
+    robustness_cell
 from attnbench.accuracy.train import eval_transform, resize_size
 from attnbench.modules import build_model
 
@@ -153,3 +155,43 @@ def test_demo_pipeline_tiny(tmp_path):
              train_per_class=3, val_per_class=2, epochs=1, batch_size=6,
              models=[("none", "none", {})], progress=False, log=logs.append, run_id="demo2")
     assert any("nothing to do" in m for m in logs), logs
+
+
+def test_cell_ids_are_stable():
+    # runs written before must resume: the id is the hash of json.dumps(sort_keys=True)
+    assert robustness_cell("ck/se.pt", "data/shapes", 224, 0.875) == "c48eade55e30"
+    assert robustness_cell("ck/se.pt", "data/shapes", 196, 0.875) != "c48eade55e30"
+
+
+def test_model_variant_fills_defaults_or_keeps_what_it_was_given():
+    assert model_variant("se", {}, "x") == ({"reduction": 16}, "SE")
+    assert model_variant("none", {}, "x") == ({}, "none")
+    assert model_variant("nosuchmodule", {"a": 1}, "mine") == ({"a": 1}, "mine")
+    assert model_variant("se", {"bogus": 1}, "mine") == ({"bogus": 1}, "mine")
+
+
+def test_checkpoint_rows_ok_and_failed_share_their_columns():
+    maker = CheckpointRows("run", "ck/se.pt", "data", 8, "cpu", backbone="resnet18",
+                           module="se", label="SE", options={"reduction": 16},
+                           train_resolution=32)
+    ok = maker.ok(48, {"top1": 50.0, "topk": 100.0, "n": 12}, n_classes=3)
+    failed = maker.failed([48, 64], "boom")
+    assert [r["metric"] for r in ok] == ["top1", "top5"]
+    assert [(r["resolution"], r["metric"]) for r in failed] == \
+        [(48, "top1"), (48, "top5"), (64, "top1"), (64, "top5")]
+    assert set(ok[0]) == set(failed[0])
+    assert all(c in r for r in ok + failed for c in ROW_COLUMNS)
+    assert ok[0]["cell"] == failed[0]["cell"] == robustness_cell("ck/se.pt", "data", 48, 0.875)
+    assert ok[0]["options"] == '{"reduction":16}' and ok[0]["scale"] == 1.5
+    assert ok[1]["method"].endswith("top-5 is top-3: only 3 classes")
+    assert all(r["status"] == "failed" and r["error"] == "boom" and r["value"] is None
+               and r["method"] == "center-crop crop_pct=0.875" for r in failed)
+
+
+def test_demo_uses_robustness_not_the_other_way():
+    import ast
+    import attnbench.accuracy.robustness as R
+    tree = ast.parse(open(R.__file__).read())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(n and (n.endswith("demo") or n.startswith("attnbench.cli")) for n in names)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from attnbench import results as R
+from attnbench.matrix import runner
 from attnbench.matrix.config import expand, load_config
 from attnbench.matrix.runner import run_config
 
@@ -35,10 +36,10 @@ UNITS = {"params": "count", "params_attention": "count", "flops": "GMac",
 def _maybe_fail(cell):
     for rule in filter(None, os.environ.get("ATTNBENCH_FAKE", "").split(",")):
         action, metric, res, module = rule.split(":")
-        if (metric in ("*", cell["metrics"][0]) and res in ("*", str(cell["resolution"]))
-                and module in ("*", cell["module"])):
+        if (metric in ("*", cell.metrics[0]) and res in ("*", str(cell.resolution))
+                and module in ("*", cell.module)):
             if action == "raise":
-                raise RuntimeError(f"boom at {cell['resolution']}")
+                raise RuntimeError(f"boom at {cell.resolution}")
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if action == "exit":
@@ -48,18 +49,18 @@ def _maybe_fail(cell):
 
 
 def _row(cell, metric, value, method="fake"):
-    return {"backbone": cell["backbone"], "module": cell["module"],
-            "label": cell["module"].upper(),
-            "options": json.dumps(cell["options"], sort_keys=True),
-            "stages": None if cell["stages"] is None else json.dumps(cell["stages"]),
-            "resolution": cell["resolution"], "batch": cell["batch"], "mode": cell["mode"],
-            "device": cell["device"], "metric": metric, "value": float(value),
+    return {"backbone": cell.backbone, "module": cell.module,
+            "label": cell.module.upper(),
+            "options": json.dumps(cell.options, sort_keys=True),
+            "stages": None if cell.stages is None else json.dumps(cell.stages),
+            "resolution": cell.resolution, "batch": cell.batch, "mode": cell.mode,
+            "device": cell.device, "metric": metric, "value": float(value),
             "unit": UNITS[metric], "method": method, "status": "ok", "error": "",
             "measured_at": time.time_ns(), "pid": os.getpid()}
 
 
 def _rows(cell):
-    metric = cell["metrics"][0]
+    metric = cell.metrics[0]
     if metric == "params":
         return [_row(cell, "params", 1e6), _row(cell, "params_attention", 10)]
     if metric == "flops":
@@ -74,6 +75,7 @@ def _rows(cell):
 
 
 def measure_cell(cell):
+    assert isinstance(cell, R.Cell), cell  # the worker hands over Cells
     _maybe_fail(cell)
     return _rows(cell)
 
@@ -81,9 +83,10 @@ def measure_cell(cell):
 def measure_group(cells):
     out = []
     for cell in cells:
+        assert isinstance(cell, R.Cell), cell
         _maybe_fail(cell)
         out.extend(_rows(cell))
-        out.append(_row(cell, "speed_ratio", 1.0 if cell["module"] == "none" else 0.9))
+        out.append(_row(cell, "speed_ratio", 1.0 if cell.module == "none" else 0.9))
     return out
 
 
@@ -133,7 +136,7 @@ def test_rows_for_every_metric(tmp_path, cfg, capsys):
     df, env = R.load_run(tmp_path / "res" / "r1")
     assert set(df.metric) == set(UNITS)
     assert (df.run_id == "r1").all() and df.status.eq("ok").all()
-    assert set(df.cell) == {c["cell"] for c in expand(load_config(cfg))}
+    assert set(df.cell) == {c.id for c in expand(load_config(cfg))}
     assert len(set(_keys(df.to_dict("records")))) == len(df)
     ratio = df[df.metric == "speed_ratio"]
     assert len(ratio) == 6 and set(ratio.module) == {"none", "se", "eca"}
@@ -165,7 +168,8 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path, cfg, monkeypat
     assert {(r["module"], r["resolution"]) for r in ok if r["metric"] == "latency"} == \
         {(m, 64) for m in ("none", "se", "eca")}
     out = capsys.readouterr().out
-    assert "12 cells ok, 6 failed" in out and "FAILED" in out and "--retry-failed" in out and "--run-id r" in out
+    assert "12 cells ok, 6 failed" in out and "FAILED" in out
+    assert "--retry-failed" in out and "--run-id r" in out
 
     # resume: failed cells stay failed unless --retry-failed
     monkeypatch.delenv("ATTNBENCH_FAKE")
@@ -220,6 +224,30 @@ def test_dry_run_writes_nothing(tmp_path, cfg, capsys):
     assert s.cells == 18 and not (tmp_path / "res").exists()
     out = capsys.readouterr().out
     assert "18 cells in 14 units" in out and "group" in out
+
+
+def test_complete_rows_fill_in_the_cell_and_fail_cells_without_rows():
+    cells = [c for c in expand(load_config("tiny"))
+             if c.group and c.resolution == 64 and c.mode == "eval"]
+    assert [c.module for c in cells] == ["none", "se", "eca"]
+    raw = {"module": "se", "options": {"reduction": 16}, "metric": "latency", "value": 1.0,
+           "unit": "ms", "extra": 3}
+    rows = runner.complete_rows([raw], cells, "r")
+    assert [(r["module"], r["status"]) for r in rows] == [("se", "ok"), ("none", "failed"),
+                                                          ("eca", "failed")]
+    se = rows[0]
+    assert list(se)[:11] == ["run_id", "cell"] + list(R.rows.BASE_COLUMNS)
+    assert se["cell"] == cells[1].id and se["label"] == "SE" and se["options"] == \
+        '{"reduction":16}' and se["error"] == "" and se["method"] == "" and se["extra"] == 3
+    assert rows[1]["error"] == "the measurement returned no rows for this cell"
+    assert (rows[1]["metric"], rows[1]["unit"], rows[1]["mode"]) == ("latency", "ms", "eval")
+    with pytest.raises(R.ResultsError, match="matches no cell of its group"):
+        runner.complete_rows([dict(raw, module="cbam")], cells, "r")
+
+
+def test_run_command_lives_in_the_cli():
+    from attnbench.cli import run as cli_run
+    assert hasattr(cli_run, "register_cli") and not hasattr(runner, "register_cli")
 
 
 def _cli_env(**extra):

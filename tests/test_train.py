@@ -1,14 +1,16 @@
-"""Training (bench/train.py) and checkpoints (bench/checkpoint.py)."""
+"""Training (attnbench.accuracy.train), its command (attnbench.cli.train) and checkpoints
+(attnbench.accuracy.checkpoint)."""
 import math
 
 import pytest
 import torch
 
-from attnbench.accuracy.checkpoint import CheckpointError, CheckpointMismatchError, load_checkpoint, \
-    read_checkpoint, save_checkpoint
+from attnbench.accuracy.checkpoint import CheckpointError, CheckpointMismatchError, \
+    load_checkpoint, read_checkpoint, save_checkpoint
 from attnbench.accuracy.data import make_dataset
-from attnbench.accuracy.train import TrainConfig, eval_transform, evaluate, image_folder, lr_lambda, \
-    parse_options, train
+from attnbench.accuracy.train import TrainConfig, eval_transform, evaluate, image_folder, \
+    lr_lambda, train
+from attnbench.cli.args import parse_options
 from attnbench.modules import build_model
 
 # shape and detail both differ: the easiest 3-class task the generator draws
@@ -207,6 +209,25 @@ def test_cli_train_smoke(tiny_data, tmp_path, capsys):
     assert "resumed" in capsys.readouterr().out
     from attnbench.modules.registry import AttnbenchError
     with pytest.raises(AttnbenchError, match="--data"):
-        from attnbench.accuracy.train import config_from_args
+        from attnbench.cli.train import config_from_args
         import argparse
         config_from_args(argparse.Namespace(resume=None))
+
+
+
+def test_config_from_args_resume_settings_and_rrc_scale(tiny_data, tmp_path):
+    import argparse
+    from attnbench.accuracy.train import TrainError, config_fields, resume_settings
+    from attnbench.cli.train import config_from_args
+    out = tmp_path / "r.pt"
+    train(_cfg(tiny_data, out, module="se", limit_batches=1, options={"reduction": 8}),
+          progress=False, log=lambda m: None)
+    saved = resume_settings(str(out))
+    assert saved["out"] == str(out) and saved["options"] == {"reduction": 8}
+    assert set(saved) <= set(config_fields())
+    cfg = config_from_args(argparse.Namespace(resume=str(out), epochs=3, rrc_scale="0.5,1",
+                                              stages="[3,4]", no_progress=True))
+    assert (cfg.resume, cfg.out, cfg.module, cfg.epochs) == (str(out), str(out), "se", 3)
+    assert cfg.rrc_scale == [0.5, 1.0] and cfg.stages == [3, 4]
+    with pytest.raises(TrainError, match="expected LO,HI"):
+        config_from_args(argparse.Namespace(resume=None, data="d", rrc_scale="0.5"))

@@ -25,12 +25,11 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from attnbench.results import atomic_write
-
 import torch
 from torch import nn
 
 from attnbench.modules.registry import AttnbenchError
+from attnbench.results import atomic_write, canonical_options
 
 FORMAT = "attnbench-checkpoint"
 VERSION = 1
@@ -76,14 +75,7 @@ def canonical_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     opts = dict(config.get("options") or {})
     if att != "none":
         try:
-            from attnbench.modules.registry import REGISTRY
-            spec = REGISTRY.get(att)
-            gate = opts.pop("gate", None)
-            gate_opts = opts.pop("gate_options", None)
-            opts = spec.options(opts)
-            if gate not in (None, "", "none"):
-                opts["gate"] = gate
-                opts["gate_options"] = REGISTRY.get(gate).options(gate_opts or {})
+            opts = canonical_options(att, opts)[0]
         except AttnbenchError:
             pass  # not registered here: compare the options as given
     stages = config.get("stages")

@@ -33,16 +33,21 @@ exact analogue. ``--resolution 96`` or ``128`` is closer to the paper, ~2-4x slo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from attnbench.modules.registry import AttnbenchError
+from attnbench.accuracy.data import make_dataset
+from attnbench.accuracy.robustness import CheckpointRows, accuracy_tables, evaluate_checkpoints, \
+    model_variant, relative_sweep, sweep_text
+from attnbench.accuracy.train import TrainConfig, train
+from attnbench.modules.registry import REGISTRY, AttnbenchError
+from attnbench.results import append_rows, error_text, new_run_id
 
 #: (name, module, options) trained by default
 DEMO_MODELS: List[Tuple[str, str, Dict[str, Any]]] = [
@@ -96,91 +101,22 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
              nuisance: float = 0.3, rrc_scale: Sequence[float] = (0.25, 1.0),
              run_id: Optional[str] = None, progress: bool = True, log=print) -> Dict[str, Any]:
     """Run the whole demo; returns ``{"rows", "run_dir", "trained", "failed", "seconds"}``."""
-    from attnbench.results import append_rows, new_run_id
-    from attnbench.modules.registry import REGISTRY
-    from attnbench.accuracy.data import make_dataset
-    from attnbench.accuracy.robustness import accuracy_tables, evaluate_checkpoints, relative_sweep, sweep_text
-    from attnbench.accuracy.train import TrainConfig, train
-
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
-    out = Path(out)
-    models = list(models or DEMO_MODELS)
-    sweep = relative_sweep(resolution)
-    run_id = run_id or new_run_id("robustness-demo")
+    demo = _Demo(Path(out), results, resolution, classes, train_per_class, val_per_class,
+                 epochs, batch_size, lr, warmup_epochs, backbone, list(models or DEMO_MODELS),
+                 device, seed, nuisance, rrc_scale, progress, log,
+                 run_id or new_run_id("robustness-demo"))
     log(f"robustness demo: {backbone}, {classes} classes, trained at {resolution}² for {epochs} "
-        f"epochs, {sweep_text(sweep, resolution)} (paper: trained at 224², tested "
+        f"epochs, {sweep_text(demo.sweep, resolution)} (paper: trained at 224², tested "
         f"168²..448² step 28 = 0.75x..2x); device {device}, {torch.get_num_threads()} threads")
-    data = out / "data"
-    t0 = time.perf_counter()
-    meta = make_dataset(data, classes, train_per_class, val_per_class, size=2 * resolution,
-                        seed=seed, nuisance=nuisance, progress=progress)
-    log(f"data: {data} ({len(meta['classes'])} classes x {train_per_class} train + "
-        f"{val_per_class} val images of {2 * resolution}² px, {time.perf_counter() - t0:.0f} s)")
-    trained: List[str] = []
-    failed: Dict[str, str] = {}
-    failed_rows: List[Dict[str, Any]] = []
-    for name, module, options in models:
-        ckpt = out / "checkpoints" / f"{name}.pt"
-        if module != "none" and module not in REGISTRY:
-            msg = (f"module {module!r} is not registered (yet); skipped "
-                   f"(registered: {', '.join(REGISTRY.names())})")
-            log(f"SKIP {name}: {msg}")
-            failed[name] = msg
-            failed_rows += _failed_rows(run_id, backbone, module, options, name, sweep,
-                                        resolution, batch_size, device, str(data), str(ckpt),
-                                        msg)
-            continue
-        cfg = TrainConfig(data=str(data), backbone=backbone, module=module, options=options,
-                          resolution=resolution, epochs=epochs, batch_size=batch_size, lr=lr,
-                          warmup_epochs=warmup_epochs, label_smoothing=0.1, out=str(ckpt),
-                          device=device, seed=seed, rrc_scale=list(rrc_scale),
-                          eval_every=epochs)
-        if ckpt.exists():
-            cfg.resume = str(ckpt)
-        t0 = time.perf_counter()
-        try:
-            try:
-                result = train(cfg, progress=progress, log=log)
-            except AttnbenchError as err:
-                if cfg.resume is None:
-                    raise
-                log(f"{name}: cannot reuse {ckpt} ({err}); training from scratch")
-                cfg.resume = None
-                result = train(cfg, progress=progress, log=log)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # noqa: BLE001 - one model failing must not stop the rest
-            msg = f"{type(err).__name__}: {err}"
-            log(f"FAILED {name}: {msg}")
-            failed[name] = msg
-            failed_rows += _failed_rows(run_id, backbone, module, options, name, sweep,
-                                        resolution, batch_size, device, str(data), str(ckpt),
-                                        f"training failed: {msg}")
-            continue
-        last = result["history"][-1] if result.get("history") else {}
-        log(f"{result['label']}: trained in {time.perf_counter() - t0:.0f} s"
-            + (f", val top1 at {resolution}² {last['val_top1']:.1f}%" if "val_top1" in last
-               else ""))
-        trained.append(str(ckpt))
-    rows: List[Dict[str, Any]] = []
-    run_dir = Path(results) / run_id
-    if trained:
-        config_text = json.dumps({"command": "robustness-demo", "backbone": backbone,
-                                  "resolution": resolution, "classes": classes,
-                                  "train_per_class": train_per_class,
-                                  "val_per_class": val_per_class, "epochs": epochs,
-                                  "batch_size": batch_size, "lr": lr, "seed": seed,
-                                  "nuisance": nuisance, "rrc_scale": list(rrc_scale),
-                                  "models": [list(m) for m in models]}, indent=1)
-        rows, run_dir = evaluate_checkpoints(
-            trained, data, scale_from=resolution, batch_size=64, device=device,
-            results=results, run_id=run_id, progress=progress, log=log,
-            config_text=config_text)
-    if failed_rows:
-        append_rows(run_dir, failed_rows)
-        rows += failed_rows
+    demo.make_data()
+    trained, failed, rows_failed = demo.train_all()
+    rows, run_dir = demo.evaluate(trained)
+    if rows_failed:
+        append_rows(run_dir, rows_failed)
+        rows += rows_failed
     seconds = time.perf_counter() - t_start
     log("")
     log(accuracy_tables(rows, "top1"))
@@ -192,66 +128,138 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
             "seconds": seconds}
 
 
-def _failed_rows(run_id, backbone, module, options, name, sweep, train_res, batch, device,
-                 dataset, checkpoint, error) -> List[Dict[str, Any]]:
-    from attnbench.matrix.config import canonical_json
-    label = name
-    try:
-        from attnbench.matrix.config import canonical_options
-        options, label = canonical_options(module, options)
-    except Exception:  # noqa: BLE001 - an unregistered module keeps its given options
-        pass
-    from attnbench.accuracy.robustness import _cell
-    return [{"run_id": run_id, "cell": _cell(checkpoint, dataset, res, 0.875),
-             "backbone": backbone, "module": module, "label": label,
-             "options": canonical_json(options), "stages": None, "resolution": res,
-             "batch": batch, "mode": "eval", "device": device, "metric": metric,
-             "value": None, "unit": "%", "method": "center-crop crop_pct=0.875",
-             "status": "failed", "error": error, "train_resolution": train_res,
-             "checkpoint": checkpoint, "dataset": dataset, "scale": None, "images": None}
-            for res in sweep for metric in ("top1", "top5")]
+@dataclass
+class _Demo:
+    """The settings of one :func:`run_demo` and its steps."""
+
+    out: Path
+    results: "str | Path"
+    resolution: int
+    classes: int
+    train_per_class: int
+    val_per_class: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_epochs: float
+    backbone: str
+    models: List[Tuple[str, str, Dict[str, Any]]]
+    device: str
+    seed: int
+    nuisance: float
+    rrc_scale: Sequence[float]
+    progress: bool
+    log: Callable[[str], None]
+    run_id: str
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def sweep(self) -> List[int]:
+        """The test sizes: 0.75·R .. 2·R in steps of R/8."""
+        return relative_sweep(self.resolution)
+
+    def make_data(self) -> None:
+        """Draw the data set (reused when it is there already)."""
+        t0 = time.perf_counter()
+        meta = make_dataset(self.data, self.classes, self.train_per_class, self.val_per_class,
+                            size=2 * self.resolution, seed=self.seed, nuisance=self.nuisance,
+                            progress=self.progress)
+        self.log(f"data: {self.data} ({len(meta['classes'])} classes x {self.train_per_class} "
+                 f"train + {self.val_per_class} val images of {2 * self.resolution}² px, "
+                 f"{time.perf_counter() - t0:.0f} s)")
+
+    def train_all(self) -> Tuple[List[str], Dict[str, str], List[Dict[str, Any]]]:
+        """Train every model: (checkpoints trained, {name: why not}, their failed rows)."""
+        trained: List[str] = []
+        failed: Dict[str, str] = {}
+        rows: List[Dict[str, Any]] = []
+        for name, module, options in self.models:
+            ckpt = self.out / "checkpoints" / f"{name}.pt"
+            msg = _unregistered(module)
+            if msg:
+                self.log(f"SKIP {name}: {msg}")
+                error = msg
+            else:
+                msg = self.train_one(name, module, options, ckpt)
+                if msg is None:
+                    trained.append(str(ckpt))
+                    continue
+                error = f"training failed: {msg}"
+            failed[name] = msg
+            rows += self.failed_rows(name, module, options, ckpt, error)
+        return trained, failed, rows
+
+    def train_one(self, name: str, module: str, options: Dict[str, Any],
+                  ckpt: Path) -> Optional[str]:
+        """Train (or finish training) one model into ``ckpt``; None, or why it failed."""
+        cfg = TrainConfig(data=str(self.data), backbone=self.backbone, module=module,
+                          options=options, resolution=self.resolution, epochs=self.epochs,
+                          batch_size=self.batch_size, lr=self.lr,
+                          warmup_epochs=self.warmup_epochs, label_smoothing=0.1,
+                          out=str(ckpt), device=self.device, seed=self.seed,
+                          rrc_scale=list(self.rrc_scale), eval_every=self.epochs)
+        if ckpt.exists():
+            cfg.resume = str(ckpt)
+        t0 = time.perf_counter()
+        try:
+            result = self.train_or_restart(cfg, name, ckpt)
+        except Exception as err:  # noqa: BLE001 - one model failing must not stop the rest
+            msg = error_text(err)
+            self.log(f"FAILED {name}: {msg}")
+            return msg
+        last = result["history"][-1] if result.get("history") else {}
+        self.log(f"{result['label']}: trained in {time.perf_counter() - t0:.0f} s"
+                 + (f", val top1 at {self.resolution}² {last['val_top1']:.1f}%"
+                    if "val_top1" in last else ""))
+        return None
+
+    def train_or_restart(self, cfg: TrainConfig, name: str, ckpt: Path) -> Dict[str, Any]:
+        """:func:`train`; a checkpoint that cannot be resumed is trained again from scratch."""
+        try:
+            return train(cfg, progress=self.progress, log=self.log)
+        except AttnbenchError as err:
+            if cfg.resume is None:
+                raise
+            self.log(f"{name}: cannot reuse {ckpt} ({err}); training from scratch")
+            cfg.resume = None
+            return train(cfg, progress=self.progress, log=self.log)
+
+    def failed_rows(self, name: str, module: str, options: Dict[str, Any], ckpt: Path,
+                    error: str) -> List[Dict[str, Any]]:
+        """Failed rows of a model that was not trained, at every test size."""
+        options, label = model_variant(module, options, name)
+        maker = CheckpointRows(self.run_id, str(ckpt), str(self.data), self.batch_size,
+                               self.device, 0.875, backbone=self.backbone, module=module,
+                               label=label, options=options, stages=None,
+                               train_resolution=self.resolution)
+        return maker.failed(self.sweep, error)
+
+    def evaluate(self, trained: List[str]) -> Tuple[List[Dict[str, Any]], Path]:
+        """Evaluate the trained checkpoints over the sweep: (rows, run folder)."""
+        if not trained:
+            return [], Path(self.results) / self.run_id
+        return evaluate_checkpoints(
+            trained, self.data, scale_from=self.resolution, batch_size=64, device=self.device,
+            results=self.results, run_id=self.run_id, progress=self.progress, log=self.log,
+            config_text=self.config_text())
+
+    def config_text(self) -> str:
+        """The demo's settings, for the run's ``env.json``."""
+        return json.dumps({"command": "robustness-demo", "backbone": self.backbone,
+                           "resolution": self.resolution, "classes": self.classes,
+                           "train_per_class": self.train_per_class,
+                           "val_per_class": self.val_per_class, "epochs": self.epochs,
+                           "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
+                           "nuisance": self.nuisance, "rrc_scale": list(self.rrc_scale),
+                           "models": [list(m) for m in self.models]}, indent=1)
 
 
-def register_cli(sub, parent) -> None:
-    p = sub.add_parser(
-        "robustness-demo", parents=[parent],
-        help="the TDAM Table 2 / Fig. 3 experiment scaled down to the CPU (offline)",
-        description="Generate a synthetic dataset, train ResNet-18 plain/SE/CBAM/FCA/TD at a "
-                    "reduced resolution R, evaluate each over 0.75R..2R (the analogue of "
-                    "224 -> 168..448), write rows to the results store and print a "
-                    "Table-2-like accuracy table. About 10 minutes on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/robustness-demo",
-                   help="folder for the data and checkpoints (reused when run again)")
-    p.add_argument("--results", default="results", help="results store folder")
-    p.add_argument("--run-id", default=None)
-    p.add_argument("--resolution", type=int, default=64, help="training resolution R")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train", type=int, default=80, help="training images per class")
-    p.add_argument("--val", type=int, default=30, help="validation images per class")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--models", default=None,
-                   help="comma list of none,se,cbam,fca,td (default: all five), or "
-                        "'name=module:{json options}' items separated by ';'")
-    p.add_argument("--nuisance", type=float, default=0.3,
-                   help="strength of the dataset's nuisance variation (0..1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", default="auto",
-                   help="torch CPU threads, or 'auto' (fewer when the machine is busy)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    threads = auto_threads() if args.threads == "auto" else int(args.threads)
-    result = run_demo(args.out, args.results, resolution=args.resolution, classes=args.classes,
-                      train_per_class=args.train, val_per_class=args.val, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, backbone=args.backbone,
-                      models=parse_models(args.models), device=args.device, threads=threads,
-                      seed=args.seed, nuisance=args.nuisance, run_id=args.run_id,
-                      progress=not args.no_progress)
-    return 0 if result["trained"] and not result["failed"] else 1
+def _unregistered(module: str) -> Optional[str]:
+    """Why ``module`` is skipped (not registered), or None."""
+    if module == "none" or module in REGISTRY:
+        return None
+    return (f"module {module!r} is not registered (yet); skipped "
+            f"(registered: {', '.join(REGISTRY.names())})")

@@ -23,18 +23,25 @@ error and the others go on. Re-running with the same ``--run-id`` skips finished
 """
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from attnbench.accuracy.checkpoint import load_checkpoint
+from attnbench.accuracy.train import eval_transform, evaluate, image_folder, resize_size
 from attnbench.modules.registry import AttnbenchError
+from attnbench.results import RESOLUTION_SWEEP, append_rows, base_row, canonical_options, \
+    error_text, failed_rows, finished_cells, is_oom, new_run_id, ok_row, write_env
 
-DEFAULT_RESOLUTIONS = list(range(168, 449, 28))
+DEFAULT_RESOLUTIONS = list(RESOLUTION_SWEEP)
+#: the metrics of every (checkpoint, test size)
+ACCURACY_METRICS = ("top1", "top5")
 REFERENCE_TRAIN_RES = 224
 CACHE_LIMIT = 20000  # validation sets up to this many images are decoded once, kept in memory
 
@@ -119,29 +126,79 @@ def val_root(data: "str | Path") -> Path:
     return data / "val" if (data / "val").is_dir() else data
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- rows
 
-def _cell(checkpoint: str, dataset: str, res: int, crop_pct: float) -> str:
-    import hashlib
+def robustness_cell(checkpoint: str, dataset: str, res: int, crop_pct: float) -> str:
+    """The ``cell`` of one (checkpoint, data set, test size, crop_pct) evaluation.
+
+    The SHA-256 of its key as ``json.dumps(sort_keys=True)`` (not :func:`short_hash`, whose
+    compact JSON would give other ids: runs written before must still resume)."""
     key = json.dumps({"kind": "robustness", "checkpoint": checkpoint, "dataset": dataset,
                       "resolution": res, "crop_pct": crop_pct}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _variant(config: Dict[str, Any], label: str) -> Tuple[str, str, str, Optional[str]]:
-    """(module, label, options JSON, stages JSON) as the runner writes them."""
-    from attnbench.matrix.config import canonical_json
-    module = config.get("attention") or "none"
-    opts = dict(config.get("options") or {})
+def model_variant(module: str, options: Mapping[str, Any],
+                  label: str) -> Tuple[Dict[str, Any], str]:
+    """``(full options, label)`` of ``module`` as the registry builds it, or the given
+    ``options`` and ``label`` where it cannot (a module not registered here)."""
     try:
-        from attnbench.matrix.config import canonical_options
-        opts, label = canonical_options(module, opts)
-    except Exception:  # noqa: BLE001 - unregistered module: keep what the checkpoint says
-        pass
-    stages = config.get("stages")
-    return (module, label, canonical_json(opts),
-            None if stages is None else canonical_json(stages))
+        return canonical_options(module, options)
+    except Exception:  # noqa: BLE001 - unregistered module: keep what we were given
+        return dict(options), label
 
+
+@dataclass
+class CheckpointRows:
+    """Builds the rows of one checkpoint's evaluation: per test size, top1 and top5."""
+
+    run_id: str
+    checkpoint: str
+    dataset: str
+    batch: int
+    device: str
+    crop_pct: float = 0.875
+    backbone: str = "?"
+    module: str = "?"
+    label: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stages: Any = None
+    train_resolution: Optional[int] = None
+
+    def cell(self, res: int) -> str:
+        """The ``cell`` of the rows at test size ``res``."""
+        return robustness_cell(self.checkpoint, self.dataset, res, self.crop_pct)
+
+    def base(self, res: int) -> Dict[str, Any]:
+        """The identity columns of the rows at test size ``res``."""
+        return base_row(backbone=self.backbone, module=self.module, label=self.label,
+                        options=self.options, stages=self.stages, resolution=res,
+                        batch=self.batch, mode="eval", device=self.device, run_id=self.run_id,
+                        cell=self.cell(res), checkpoint=self.checkpoint, dataset=self.dataset,
+                        train_resolution=self.train_resolution)
+
+    def failed(self, resolutions: Sequence[int], error: str) -> List[Dict[str, Any]]:
+        """Failed top1/top5 rows at every size of ``resolutions``, carrying ``error``."""
+        method = f"center-crop crop_pct={self.crop_pct:g}"
+        return [row for res in resolutions
+                for row in failed_rows(self.base(res), [(m, "%") for m in ACCURACY_METRICS], error,
+                                       methods=[method] * len(ACCURACY_METRICS), scale=None,
+                                       images=None)]
+
+    def ok(self, res: int, acc: Mapping[str, Any], n_classes: int) -> List[Dict[str, Any]]:
+        """The top1 and top5 rows of accuracy ``acc`` (from :func:`evaluate`) at ``res``."""
+        method = (f"center-crop crop_pct={self.crop_pct:g} "
+                  f"(resize {resize_size(res, self.crop_pct)})")
+        k = min(5, n_classes)
+        note = "" if k == 5 else f"; top-5 is top-{k}: only {n_classes} classes"
+        tr = self.train_resolution
+        extra = dict(scale=round(res / tr, 4) if tr else None, images=acc["n"])
+        base = self.base(res)
+        return [ok_row(base, "top1", acc["top1"], "%", method, **extra),
+                ok_row(base, "top5", acc["topk"], "%", method + note, **extra)]
+
+
+# --------------------------------------------------------------------------- evaluation
 
 def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path", *,
                          resolutions: Optional[Sequence[int]] = None,
@@ -157,10 +214,6 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
     (an int R, or ``"auto"`` for each checkpoint's own training resolution) asks for
     the relative sweep 0.75·R..2·R (see :func:`relative_sweep`).
     """
-    from attnbench.results import append_rows, finished_cells, new_run_id, write_env
-    from attnbench.accuracy.checkpoint import load_checkpoint
-    from attnbench.accuracy.train import eval_transform, evaluate, image_folder, resize_size
-
     if not checkpoints:
         raise RobustnessError("robustness: give at least one checkpoint")
     resize_size(8, crop_pct)  # validates crop_pct
@@ -168,142 +221,152 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
         raise RobustnessError(f"--batch-size must be >= 1, got {batch_size}")
     if scale_from not in (None, "auto"):
         scale_from = int(scale_from)
-    root = val_root(data)
-    folder = image_folder(root, None, "validation")
-    images = _Images(folder, cache=len(folder.samples) <= CACHE_LIMIT)
-    dataset = str(data)
-    run_id = run_id or new_run_id("robustness")
-    run_dir = Path(results) / run_id
-    done = finished_cells(run_dir, include_failed=False) if run_dir.exists() else {}
+    ev = _Evaluation(data, resolutions, scale_from, crop_pct, batch_size, device, amp, workers,
+                     progress, log)
     if config_text is None:
         config_text = json.dumps({"command": "robustness", "checkpoints": [str(c) for c in
-                                  checkpoints], "data": dataset, "resolutions": resolutions,
+                                  checkpoints], "data": ev.dataset, "resolutions": resolutions,
                                   "scale_from": scale_from, "crop_pct": crop_pct}, indent=1)
-    try:
-        from attnbench.profilers.env import collect_env
-        env = collect_env(config_text, None, device, run_id)
-    except Exception as err:  # noqa: BLE001 - never lose the measurements for the env
-        env = {"run_id": run_id, "device": device, "error": f"collect_env: {err}"}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_env(run_dir, env)
+    ev.open_run(results, run_id, config_text)
     all_rows: List[Dict[str, Any]] = []
-    dev = torch.device(device)
-    use_amp = bool(amp) and dev.type == "cuda"
     for ckpt_path in checkpoints:
-        ckpt_path = str(ckpt_path)
-        base = {"run_id": run_id, "batch": batch_size, "mode": "eval", "device": device,
-                "unit": "%", "checkpoint": ckpt_path, "dataset": dataset}
+        all_rows += ev.checkpoint(str(ckpt_path))
+    return all_rows, ev.run_dir
+
+
+class _Evaluation:
+    """One :func:`evaluate_checkpoints` call: its settings, images and run folder."""
+
+    def __init__(self, data, resolutions, scale_from, crop_pct, batch_size, device, amp,
+                 workers, progress, log) -> None:
+        self.root = val_root(data)
+        self.folder = image_folder(self.root, None, "validation")
+        self.images = _Images(self.folder, cache=len(self.folder.samples) <= CACHE_LIMIT)
+        self.dataset = str(data)
+        self.resolutions, self.scale_from, self.crop_pct = resolutions, scale_from, crop_pct
+        self.batch_size, self.device, self.workers = batch_size, device, workers
+        self.dev = torch.device(device)
+        self.amp = bool(amp) and self.dev.type == "cuda"
+        self.progress, self.log = progress, log
+
+    def open_run(self, results, run_id: Optional[str], config_text: str) -> None:
+        """Name the run, note its finished cells, write its ``env.json``."""
+        self.run_id = run_id or new_run_id("robustness")
+        self.run_dir = Path(results) / self.run_id
+        self.done = (finished_cells(self.run_dir, include_failed=False)
+                     if self.run_dir.exists() else {})
+        try:
+            from attnbench.profilers.env import collect_env
+            env = collect_env(config_text, None, self.device, self.run_id)
+        except Exception as err:  # noqa: BLE001 - never lose the measurements for the env
+            env = {"run_id": self.run_id, "device": self.device,
+                   "error": f"collect_env: {err}"}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_env(self.run_dir, env)
+
+    def rows_of(self, ckpt_path: str, **variant: Any) -> CheckpointRows:
+        """The row builder of checkpoint ``ckpt_path``."""
+        return CheckpointRows(self.run_id, ckpt_path, self.dataset, self.batch_size,
+                              self.device, self.crop_pct, **variant)
+
+    def checkpoint(self, ckpt_path: str) -> List[Dict[str, Any]]:
+        """Evaluate one checkpoint over its sweep; its new rows (also appended to the run)."""
         t0 = time.perf_counter()
         try:
             model, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         except AttnbenchError as err:
-            res_list = _sweep(resolutions, scale_from, None)
-            rows = [_failed(base, ckpt_path, dataset, r, crop_pct, m, str(err), None)
-                    for r in res_list for m in ("top1", "top5")]
-            append_rows(run_dir, rows)
-            all_rows += rows
-            log(f"FAILED {ckpt_path}: {err}")
-            continue
+            maker = self.rows_of(ckpt_path, label=Path(ckpt_path).stem)
+            rows = maker.failed(_sweep(self.resolutions, self.scale_from, None), str(err))
+            append_rows(self.run_dir, rows)
+            self.log(f"FAILED {ckpt_path}: {err}")
+            return rows
         config = ckpt["model_config"]
         train_res = ckpt.get("train_resolution")
-        module, label, options, stages = _variant(config, ckpt.get("label") or "")
-        base.update(backbone=config.get("backbone"), module=module, label=label,
-                    options=options, stages=stages, train_resolution=train_res)
-        res_list = _sweep(resolutions, scale_from, train_res)
+        module = config.get("attention") or "none"
+        options, label = model_variant(module, dict(config.get("options") or {}),
+                                       ckpt.get("label") or "")
+        maker = self.rows_of(ckpt_path, backbone=config.get("backbone"), module=module,
+                             label=label, options=options, stages=config.get("stages"),
+                             train_resolution=train_res)
+        res_list = _sweep(self.resolutions, self.scale_from, train_res)
         classes = list(ckpt.get("classes") or [])
         n_classes = int(config.get("num_classes") or len(classes) or 1000)
-        k = min(5, n_classes)
-        error = None
-        if classes and classes != list(folder.classes):
-            error = (f"{root}: its classes ({len(folder.classes)}: "
-                     f"{', '.join(folder.classes[:4])}...) are not the checkpoint's "
-                     f"({len(classes)}: {', '.join(classes[:4])}...)")
-        elif not classes and len(folder.classes) != n_classes:
-            error = f"{root}: {len(folder.classes)} classes, the model has {n_classes} outputs"
-        log(f"{label} ({ckpt_path}): trained at {train_res}, {sweep_text(res_list, train_res)}"
-            f", {len(images)} images")
-        model.to(dev)
+        error = self.class_error(classes, n_classes)
+        self.log(f"{label} ({ckpt_path}): trained at {train_res}, "
+                 f"{sweep_text(res_list, train_res)}, {len(self.images)} images")
+        model.to(self.dev)
+        rows = self.sweep(model, maker, res_list, n_classes, error)
+        if rows:
+            append_rows(self.run_dir, rows)
+        model.to("cpu")
+        if error:
+            self.log(f"FAILED {ckpt_path}: {error}")
+        else:
+            self.log(f"{label}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s")
+        return rows
+
+    def class_error(self, classes: List[str], n_classes: int) -> Optional[str]:
+        """Why the validation classes do not fit the checkpoint, or None."""
+        found = self.folder.classes
+        if classes and classes != list(found):
+            return (f"{self.root}: its classes ({len(found)}: {', '.join(found[:4])}...) are "
+                    f"not the checkpoint's ({len(classes)}: {', '.join(classes[:4])}...)")
+        if not classes and len(found) != n_classes:
+            return f"{self.root}: {len(found)} classes, the model has {n_classes} outputs"
+        return None
+
+    def sweep(self, model, maker: CheckpointRows, res_list: Sequence[int], n_classes: int,
+              error: Optional[str]) -> List[Dict[str, Any]]:
+        """The rows of every test size not finished yet (failed ones for ``error``)."""
         bar = None
-        if progress:
+        if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(res_list), desc=f"{label} robustness", unit="res",
+            bar = tqdm(total=len(res_list), desc=f"{maker.label} robustness", unit="res",
                        leave=False)
-        rows = []
+        rows: List[Dict[str, Any]] = []
         for res in res_list:
-            cell = _cell(ckpt_path, dataset, res, crop_pct)
-            method = f"center-crop crop_pct={crop_pct:g} (resize {resize_size(res, crop_pct)})"
-            if error is None and cell in done:
-                if bar is not None:
-                    bar.update(1)
-                continue
             if error is not None:
-                rows += [_failed(base, ckpt_path, dataset, res, crop_pct, m, error, train_res)
-                         for m in ("top1", "top5")]
+                rows += maker.failed([res], error)
                 continue
-            try:
-                images.transform = eval_transform(res, crop_pct)
-                loader = torch.utils.data.DataLoader(
-                    images, batch_size=batch_size, shuffle=False, num_workers=workers,
-                    pin_memory=dev.type == "cuda")
-                acc = evaluate(model, loader, device, use_amp, topk=5,
-                               progress=progress and len(loader) > 1,
-                               desc=f"{label} {res}px")
-            except Exception as err:  # noqa: BLE001 - one failing size must not stop the rest
-                msg = f"{type(err).__name__}: {err}"
-                if "out of memory" in str(err).lower():
-                    msg = f"out of memory ({msg})"
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                rows += [_failed(base, ckpt_path, dataset, res, crop_pct, m, msg, train_res)
-                         for m in ("top1", "top5")]
-                log(f"FAILED {label} at {res}px: {msg}")
-            else:
-                extra = {"cell": cell, "resolution": res, "status": "ok", "error": "",
-                         "scale": round(res / train_res, 4) if train_res else None,
-                         "images": acc["n"]}
-                rows.append({**base, **extra, "metric": "top1", "value": acc["top1"],
-                             "method": method})
-                note = "" if k == 5 else f"; top-5 is top-{k}: only {n_classes} classes"
-                rows.append({**base, **extra, "metric": "top5", "value": acc["topk"],
-                             "method": method + note})
+            finished = maker.cell(res) in self.done
+            if not finished:
+                rows += self.resolution(model, maker, res, n_classes)
             if bar is not None:
                 bar.update(1)
-                if rows and rows[-2]["status"] == "ok":
+                if not finished and rows[-2]["status"] == "ok":
                     bar.set_postfix(res=res, top1=f"{rows[-2]['value']:.1f}")
         if bar is not None:
             bar.close()
-        if rows:
-            append_rows(run_dir, rows)
-        all_rows += rows
-        model.to("cpu")
-        if error:
-            log(f"FAILED {ckpt_path}: {error}")
-        else:
-            log(f"{label}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s")
-    return all_rows, run_dir
+        return rows
+
+    def resolution(self, model, maker: CheckpointRows, res: int,
+                   n_classes: int) -> List[Dict[str, Any]]:
+        """Evaluate at test size ``res``; failed rows when that raises."""
+        try:
+            self.images.transform = eval_transform(res, self.crop_pct)
+            loader = torch.utils.data.DataLoader(
+                self.images, batch_size=self.batch_size, shuffle=False,
+                num_workers=self.workers, pin_memory=self.dev.type == "cuda")
+            acc = evaluate(model, loader, self.device, self.amp, topk=5,
+                           progress=self.progress and len(loader) > 1,
+                           desc=f"{maker.label} {res}px")
+        except Exception as err:  # noqa: BLE001 - one failing size must not stop the rest
+            msg = error_text(err)
+            if is_oom(err) and self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+            self.log(f"FAILED {maker.label} at {res}px: {msg}")
+            return maker.failed([res], msg)
+        return maker.ok(res, acc, n_classes)
 
 
 def _sweep(resolutions, scale_from, train_res) -> List[int]:
+    """The test sizes of one checkpoint (see :func:`evaluate_checkpoints`)."""
     if scale_from == "auto":
         return relative_sweep(train_res) if train_res else list(resolutions or
                                                                  DEFAULT_RESOLUTIONS)
     if scale_from is not None:
         return relative_sweep(int(scale_from))
     return sorted(set(int(r) for r in (resolutions or DEFAULT_RESOLUTIONS)))
-
-
-def _failed(base, ckpt_path, dataset, res, crop_pct, metric, error, train_res):
-    row = {"backbone": None, "module": None, "label": Path(ckpt_path).stem, "options": "{}",
-           "stages": None, "train_resolution": train_res}
-    row.update(base)
-    row.update(cell=_cell(ckpt_path, dataset, res, crop_pct), resolution=res, metric=metric,
-               value=None, method=f"center-crop crop_pct={crop_pct:g}", status="failed",
-               error=error, scale=None, images=None)
-    if row["backbone"] is None:
-        row["backbone"] = "?"
-    if row["module"] is None:
-        row["module"] = "?"
-    return row
 
 
 # --------------------------------------------------------------------------- tables
@@ -360,65 +423,3 @@ def accuracy_tables(rows: Sequence[Dict[str, Any]], metric: str = "top1") -> str
 def _f(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
-
-# --------------------------------------------------------------------------- CLI
-
-def register_cli(sub, parent) -> None:
-    p = sub.add_parser(
-        "robustness", parents=[parent],
-        help="accuracy of trained checkpoints across test resolutions (TDAM Table 2 / Fig. 3)",
-        description="Evaluate checkpoints (from `attnbench train`) on an ImageFolder "
-                    "validation set at several test resolutions with the single-crop "
-                    "protocol (resize shorter side to int(res/crop_pct), centre crop res); "
-                    "top-1/top-5 rows go to the results store for `attnbench report`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder root with val/ (or the validation ImageFolder itself)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resolutions", default="168:448:28",
-                   help="START:STOP:STEP (stop included) or a comma list")
-    g.add_argument("--scale-from", default=None, metavar="TRAIN_RES|auto",
-                   help="the relative sweep 0.75x..2x of TRAIN_RES in steps of TRAIN_RES/8, "
-                        "rounded to multiples of 4 ('auto': each checkpoint's own training "
-                        "resolution)")
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--results", default="results", help="results store folder")
-    p.add_argument("--run-id", default=None,
-                   help="run folder name (default <UTC time>-robustness); an existing run "
-                        "is resumed (finished cells are skipped)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_cli)
-    from attnbench.accuracy import demo as pipeline
-    pipeline.register_cli(sub, parent)
-
-
-def _run_cli(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise RobustnessError("--device cuda: no CUDA device is available here")
-    resolutions = None if args.scale_from else parse_resolutions(args.resolutions)
-    scale_from = args.scale_from
-    if scale_from not in (None, "auto"):
-        try:
-            scale_from = int(scale_from)
-        except ValueError:
-            raise RobustnessError(f"--scale-from {scale_from!r}: expected a training "
-                                  f"resolution (e.g. 224) or 'auto'") from None
-    rows, run_dir = evaluate_checkpoints(
-        args.checkpoints, args.data, resolutions=resolutions, scale_from=scale_from,
-        crop_pct=args.crop_pct, batch_size=args.batch_size, device=args.device, amp=args.amp,
-        workers=args.workers, results=args.results, run_id=args.run_id,
-        progress=not args.no_progress)
-    from attnbench.results import load_rows
-    all_rows = load_rows(run_dir / "rows.jsonl")
-    print(accuracy_tables(all_rows, "top1"))
-    print(f"\nrows: {run_dir / 'rows.jsonl'} ({len(all_rows)} rows)")
-    failed = sum(r["status"] == "failed" for r in rows)
-    return 1 if failed else 0

@@ -20,18 +20,16 @@ Standard ImageNet-style recipe on any torchvision ImageFolder (``DIR/train/<clas
 """
 from __future__ import annotations
 
-from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
-
-import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from attnbench.accuracy import checkpoint as ckpt_io
 from attnbench.modules.registry import AttnbenchError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -210,22 +208,62 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 # --------------------------------------------------------------------------- training
 
+@dataclass
+class _Run:
+    """The model and the machinery of one training run."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    device: torch.device
+    amp: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    loader_gen: torch.Generator
+    train_loader: Any
+    val_loader: Any
+    steps: int
+    criterion: nn.Module
+
+    @property
+    def label(self) -> str:
+        return self.model.attnbench_label
+
+
 def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print,
           ) -> Dict[str, Any]:
     """Train per ``cfg`` (resuming from ``cfg.resume`` if set); returns the final
     checkpoint dict (also written to ``cfg.out``)."""
-    from attnbench.modules.builder import build_model
-    from attnbench.accuracy.checkpoint import check_state_dict, config_differences, read_checkpoint, \
-        save_checkpoint
-
-    start_epoch = 0
-    history: List[Dict[str, Any]] = []
-    resumed = None
-    if cfg.resume:
-        resumed = read_checkpoint(cfg.resume)
+    resumed = ckpt_io.read_checkpoint(cfg.resume) if cfg.resume else None
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    train_set, val_set = _datasets(cfg)
+    classes = list(train_set.classes)
+    if resumed is not None:
+        _check_resumable(cfg, resumed, classes)
+    torch.manual_seed(cfg.seed)
+    run = _setup(cfg, _build(cfg, len(classes)), train_set, val_set, log)
+    start_epoch, history = _restore(run, resumed, log) if resumed is not None else (0, [])
+    common = dict(args=asdict(cfg), classes=classes, train_resolution=cfg.resolution,
+                  crop_pct=cfg.crop_pct, dataset=str(Path(cfg.data)))
+    if start_epoch >= cfg.epochs:
+        log(f"{cfg.resume}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); "
+            f"nothing to do")
+    for epoch in range(start_epoch, cfg.epochs):
+        record = _train_epoch(run, epoch, progress)
+        if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            record.update(_validate(run, progress))
+        history.append(record)
+        _save(run, epoch + 1, history, common)
+        log(_epoch_message(run, epoch, record))
+    if start_epoch >= cfg.epochs and not Path(cfg.out).exists():
+        _save(run, start_epoch, history, common)
+    return ckpt_io.read_checkpoint(cfg.out)
+
+
+def _datasets(cfg: TrainConfig):
+    """The train and val ImageFolders of ``cfg.data``, which must have the same classes."""
     data = Path(cfg.data)
     train_set = image_folder(data / "train", train_transform(cfg.resolution, cfg.rrc_scale),
                              "train")
@@ -233,39 +271,42 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     if train_set.classes != val_set.classes:
         raise TrainError(f"{data}: train and val have different classes "
                          f"({len(train_set.classes)} vs {len(val_set.classes)})")
-    classes = list(train_set.classes)
-    config = cfg.model_config(len(classes))
-    if resumed is not None:
-        diffs = config_differences(resumed["model_config"], config)
-        if diffs:
-            from attnbench.accuracy.checkpoint import CheckpointMismatchError
-            raise CheckpointMismatchError(f"{cfg.resume}: cannot resume: checkpoint of another "
-                                          f"model ({'; '.join(diffs)})")
-        if resumed.get("classes") and list(resumed["classes"]) != classes:
-            raise TrainError(f"{cfg.resume}: cannot resume on {data}: its classes differ from "
-                             f"the checkpoint's")
-    torch.manual_seed(cfg.seed)
+    return train_set, val_set
+
+
+def _check_resumable(cfg: TrainConfig, resumed: Dict[str, Any], classes: List[str]) -> None:
+    """Refuse to resume a checkpoint of another model or of other classes."""
+    diffs = ckpt_io.config_differences(resumed["model_config"], cfg.model_config(len(classes)))
+    if diffs:
+        raise ckpt_io.CheckpointMismatchError(
+            f"{cfg.resume}: cannot resume: checkpoint of another model ({'; '.join(diffs)})")
+    if resumed.get("classes") and list(resumed["classes"]) != classes:
+        raise TrainError(f"{cfg.resume}: cannot resume on {Path(cfg.data)}: its classes differ "
+                         f"from the checkpoint's")
+
+
+def _build(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model of ``cfg``; a module that cannot be built is a :class:`TrainError`."""
+    from attnbench.modules.builder import build_model
     try:
-        model = build_model(cfg.backbone, cfg.module, cfg.stages, len(classes),
-                            **dict(cfg.options))
+        return build_model(cfg.backbone, cfg.module, cfg.stages, num_classes,
+                           **dict(cfg.options))
     except AttnbenchError:
         raise
     except Exception as err:  # noqa: BLE001 - a module that cannot be built
         raise TrainError(f"cannot build {cfg.backbone}+{cfg.module} {cfg.options}: "
                          f"{type(err).__name__}: {err}") from err
+
+
+def _setup(cfg: TrainConfig, model: nn.Module, train_set, val_set, log) -> _Run:
+    """Move the model to the device; make the optimizer, loaders, LR schedule, scaler and
+    loss."""
     device = torch.device(cfg.device)
     amp = bool(cfg.amp) and device.type == "cuda"
     if cfg.amp and not amp:
         log("note: --amp is for CUDA only; training in float32 on the CPU")
     model.to(device)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.peak_lr, momentum=cfg.momentum)
+    optimizer = _optimizer(cfg, model)
     loader_gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen,
@@ -280,179 +321,126 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps * cfg.epochs, round(steps * cfg.warmup_epochs)))
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    if resumed is not None:
-        check_state_dict(model, resumed["state_dict"], cfg.resume)
-        model.load_state_dict(resumed["state_dict"])
-        if resumed.get("optimizer"):
-            optimizer.load_state_dict(resumed["optimizer"])
-        if resumed.get("scheduler"):
-            scheduler.load_state_dict(resumed["scheduler"])
-        start_epoch = int(resumed.get("epoch", 0))
-        history = list(resumed.get("history") or [])
-        log(f"resumed {cfg.resume} at epoch {start_epoch}/{cfg.epochs}")
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    label = model.attnbench_label
-    args = asdict(cfg)
-    ckpt_common = dict(args=args, classes=classes, train_resolution=cfg.resolution,
-                       crop_pct=cfg.crop_pct, dataset=str(data))
-    if start_epoch >= cfg.epochs:
-        log(f"{cfg.resume}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); "
-            f"nothing to do")
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed + epoch)
-        loader_gen.manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False)
-        for i, (images, labels) in enumerate(train_loader):
-            if i >= steps:
-                break
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with _autocast(cfg.device, amp):
-                logits = model(images)
-                loss = criterion(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise TrainError(f"{label}: loss became {float(loss)} at epoch {epoch + 1}, "
-                                 f"step {i + 1} (lower --lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            n = labels.numel()
-            loss_sum += float(loss.detach()) * n
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += n
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    return _Run(cfg, model, device, amp, optimizer, scheduler, scaler, loader_gen,
+                train_loader, val_loader, steps,
+                nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum; weight decay on weights (ndim > 1), not on biases and BN."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.peak_lr, momentum=cfg.momentum)
+
+
+def _restore(run: _Run, resumed: Dict[str, Any], log) -> Tuple[int, List[Dict[str, Any]]]:
+    """Load the resumed checkpoint's weights, optimizer and scheduler; (epoch, history)."""
+    ckpt_io.check_state_dict(run.model, resumed["state_dict"], run.cfg.resume)
+    run.model.load_state_dict(resumed["state_dict"])
+    if resumed.get("optimizer"):
+        run.optimizer.load_state_dict(resumed["optimizer"])
+    if resumed.get("scheduler"):
+        run.scheduler.load_state_dict(resumed["scheduler"])
+    start_epoch = int(resumed.get("epoch", 0))
+    log(f"resumed {run.cfg.resume} at epoch {start_epoch}/{run.cfg.epochs}")
+    return start_epoch, list(resumed.get("history") or [])
+
+
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, Any]:
+    """One epoch (at most ``run.steps`` batches), reseeded by epoch; its metrics record."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed + epoch)
+    run.loader_gen.manual_seed(cfg.seed * 1000 + epoch)
+    run.model.train()
+    t0 = time.perf_counter()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=run.steps, desc=f"{run.label} epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", leave=False)
+    for i, (images, labels) in enumerate(run.train_loader):
+        if i >= run.steps:
+            break
+        images = images.to(run.device, non_blocking=True)
+        labels = labels.to(run.device, non_blocking=True)
+        loss, logits = _step(run, images, labels, epoch, i)
+        n = labels.numel()
+        loss_sum += float(loss.detach()) * n
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += n
         if bar is not None:
-            bar.close()
-        record: Dict[str, Any] = {
-            "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
+                            lr=f"{run.optimizer.param_groups[0]['lr']:.3g}")
+    if bar is not None:
+        bar.close()
+    return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
             "train_top1": 100.0 * correct / max(seen, 1), "images": seen,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        last = epoch + 1 == cfg.epochs
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            val = evaluate(model, val_loader, cfg.device, amp, criterion=criterion,
-                           progress=progress, desc=f"{label} val {cfg.resolution}px")
-            record.update(val_loss=val["loss"], val_top1=val["top1"],
-                          val_top5=val["topk"], val_k=val["k"])
-        history.append(record)
-        save_checkpoint(cfg.out, model, optimizer=optimizer, scheduler=scheduler,
-                        epoch=epoch + 1, history=history, **ckpt_common)
-        msg = (f"{label} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
-               f"train top1 {record['train_top1']:.1f}%")
-        if "val_top1" in record:
-            msg += f", val top1 {record['val_top1']:.1f}% top{record['val_k']} " \
-                   f"{record['val_top5']:.1f}%"
-        log(msg + f" ({record['seconds']:.0f} s)")
-    if start_epoch >= cfg.epochs and not Path(cfg.out).exists():
-        save_checkpoint(cfg.out, model, optimizer=optimizer, scheduler=scheduler,
-                        epoch=start_epoch, history=history, **ckpt_common)
-    from attnbench.accuracy.checkpoint import read_checkpoint as _read
-    return _read(cfg.out)
+            "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
 
 
-# --------------------------------------------------------------------------- CLI
-
-def register_cli(sub, parent) -> None:
-    p = sub.add_parser(
-        "train", parents=[parent], help="train a backbone + attention module on an ImageFolder",
-        description="Train a torchvision ResNet with one registered attention module on an "
-                    "ImageFolder dataset (DIR/train/<class>, DIR/val/<class>): "
-                    "RandomResizedCrop+flip, SGD with momentum, linear warm-up + cosine LR, "
-                    "label smoothing, AMP on CUDA. Writes a checkpoint every epoch; "
-                    "--resume CKPT continues it (settings not given on the command line "
-                    "are taken from the checkpoint).")
-    d = TrainConfig()
-    S = argparse.SUPPRESS
-
-    def add(flag, help_, default=None, **kw):
-        text = help_ + (f" (default: {default})" if default is not None else "")
-        p.add_argument(flag, default=S, help=text, **kw)
-
-    add("--data", "ImageFolder root with train/ and val/ (required unless --resume)")
-    add("--backbone", "torchvision ResNet", d.backbone)
-    add("--module", "registered module name, or none", d.module)
-    p.add_argument("--option", action="append", default=S, metavar="KEY=VALUE",
-                   help="module option (repeatable); values parsed as JSON, else strings "
-                        "(e.g. --option variant=joint --option steps=2)")
-    add("--stages", "stage selection as JSON (e.g. '[3,4]'), 'all' or a preset name",
-        "the module's default stages")
-    add("--resolution", "training resolution", d.resolution, type=int)
-    add("--crop-pct", "validation: resize to int(res/crop_pct), centre-crop res", d.crop_pct,
-        type=float)
-    add("--rrc-scale", "RandomResizedCrop area scale range LO,HI", "0.08,1.0")
-    add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=int)
-    add("--batch-size", "batch size", d.batch_size, type=int)
-    add("--lr", "peak learning rate (after warm-up)", "0.1 * batch-size / 256", type=float)
-    add("--momentum", "SGD momentum", d.momentum, type=float)
-    add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=float)
-    add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=float)
-    add("--label-smoothing", "CrossEntropyLoss label smoothing", d.label_smoothing,
-        type=float)
-    add("--out", "checkpoint path, rewritten every epoch", f"{d.out}, or --resume's path")
-    p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue training from this checkpoint (same model and data)")
-    add("--device", "cpu, cuda or cuda:N", d.device)
-    p.add_argument("--amp", action="store_true", default=S,
-                   help="float16 autocast + GradScaler (CUDA only; ignored on the CPU)")
-    add("--workers", "DataLoader workers", d.workers, type=int)
-    add("--seed", "seed", d.seed, type=int)
-    add("--limit-batches", "at most this many batches per epoch (smoke tests)", type=int)
-    add("--eval-every", "validate every N epochs (and after the last)", d.eval_every, type=int)
-    add("--threads", "torch CPU threads (1 is much faster on an oversubscribed machine)",
-        "torch's choice", type=int)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_cli)
-    from attnbench.accuracy import data
-    data.register_cli(sub, parent)
+def _step(run: _Run, images, labels, epoch: int, i: int):
+    """One optimizer and scheduler step on a batch; returns (loss, logits)."""
+    with _autocast(run.cfg.device, run.amp):
+        logits = run.model(images)
+        loss = run.criterion(logits.float(), labels)
+    if not torch.isfinite(loss):
+        raise TrainError(f"{run.label}: loss became {float(loss)} at epoch {epoch + 1}, "
+                         f"step {i + 1} (lower --lr?)")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    run.scheduler.step()
+    return loss, logits
 
 
-def config_from_args(args) -> TrainConfig:
-    """Command-line values, else (with ``--resume``) the checkpoint's, else defaults."""
-    given = {k: v for k, v in vars(args).items()}
-    names = {f.name for f in fields(TrainConfig)}
-    kw: Dict[str, Any] = {}
-    if given.get("resume"):
-        from attnbench.accuracy.checkpoint import read_checkpoint
-        saved = read_checkpoint(given["resume"]).get("args") or {}
-        kw.update({k: v for k, v in saved.items() if k in names})
-        kw["out"] = given["resume"]
-    if "stages" in given:
-        given["stages"] = parse_value(given["stages"])
-    if "rrc_scale" in given:
-        try:
-            lo, hi = (float(x) for x in str(given["rrc_scale"]).split(","))
-        except ValueError:
-            raise TrainError(f"--rrc-scale {given['rrc_scale']!r}: expected LO,HI "
-                             f"(e.g. 0.08,1.0)") from None
-        given["rrc_scale"] = [lo, hi]
-    if "option" in given:
-        given["options"] = parse_options(given["option"])
-    kw.update({k: v for k, v in given.items() if k in names and k != "resume"})
-    kw["resume"] = given.get("resume")
-    if not kw.get("data"):
-        raise TrainError("train: --data DIR is required (unless --resume names a checkpoint)")
-    return TrainConfig(**kw)
+def _validate(run: _Run, progress: bool) -> Dict[str, Any]:
+    """Validation metrics at the training resolution, as record columns."""
+    val = evaluate(run.model, run.val_loader, run.cfg.device, run.amp, criterion=run.criterion,
+                   progress=progress, desc=f"{run.label} val {run.cfg.resolution}px")
+    return dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["topk"],
+                val_k=val["k"])
 
 
-def _run_cli(args) -> int:
-    cfg = config_from_args(args)
-    ckpt = train(cfg, progress=not args.no_progress)
-    last = ckpt["history"][-1] if ckpt.get("history") else {}
-    print(f"wrote {cfg.out} ({ckpt['label']}, epoch {ckpt['epoch']}"
-          + (f", val top1 {last['val_top1']:.1f}%" if "val_top1" in last else "") + ")")
-    return 0
+def _save(run: _Run, epoch: int, history: List[Dict[str, Any]], common: Dict[str, Any]) -> None:
+    """Write the checkpoint of ``epoch`` finished epochs to ``cfg.out``."""
+    ckpt_io.save_checkpoint(run.cfg.out, run.model, optimizer=run.optimizer,
+                            scheduler=run.scheduler, epoch=epoch, history=history, **common)
+
+
+def _epoch_message(run: _Run, epoch: int, record: Dict[str, Any]) -> str:
+    """The log line of one finished epoch."""
+    msg = (f"{run.label} epoch {epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.3f} "
+           f"train top1 {record['train_top1']:.1f}%")
+    if "val_top1" in record:
+        msg += f", val top1 {record['val_top1']:.1f}% top{record['val_k']} " \
+               f"{record['val_top5']:.1f}%"
+    return msg + f" ({record['seconds']:.0f} s)"
+
+
+# --------------------------------------------------------------------------- resuming
+
+def resume_settings(checkpoint: str) -> Dict[str, Any]:
+    """The :class:`TrainConfig` settings saved in ``checkpoint``, with ``out`` set to it
+    (what ``--resume CKPT`` takes where the command line gives nothing)."""
+    saved = ckpt_io.read_checkpoint(checkpoint).get("args") or {}
+    names = config_fields()
+    kw = {k: v for k, v in saved.items() if k in names}
+    kw["out"] = checkpoint
+    return kw
+
+
+def config_fields() -> List[str]:
+    """The names of the :class:`TrainConfig` settings."""
+    return [f.name for f in fields(TrainConfig)]

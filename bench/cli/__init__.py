@@ -23,12 +23,6 @@ COMMAND_MODULES = [
     "attnbench.cli.robustness",
     "attnbench.cli.demo",         # robustness-demo
     "attnbench.cli.check_module",
-    # TRANSITION (removed once each command has moved into attnbench.cli):
-    "attnbench.matrix.runner",
-    "attnbench.report.build",
-    "attnbench.accuracy.train",
-    "attnbench.accuracy.robustness",
-    "attnbench.plugins.conformance",
 ]
 
 
@@ -50,14 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # TRANSITION: a command not moved yet
-            if err.name == name:
-                continue
-            raise
-        if hasattr(mod, "register_cli"):  # TRANSITION
-            mod.register_cli(sub, parent)
+        mod = importlib.import_module(name)
+        mod.register_cli(sub, parent)
     return parser
 
 

@@ -3,13 +3,13 @@ ptflops), latency/throughput and peak memory in one table, beside the papers' fi
 where a paper reports this exact configuration."""
 from __future__ import annotations
 
-from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
-
 import argparse
 import platform
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
 from attnbench.modules.registry import OptionError
+from attnbench.results import Cell
 
 # (backbone, label, exact parameter count or None) -> (params M, GFLOPs or None, source)
 # Exact counts: REFERENCE.md (the configuration the paper row used); None: label only.
@@ -99,102 +99,131 @@ def device_label(device: str, threads: Optional[int] = None) -> str:
     return f"cpu ({name}, {threads or torch.get_num_threads()} threads)"
 
 
-def _fmt_count(n: int) -> str:
-    return f"{n:,}"
+Line = List[str]
+Rows = Sequence[Mapping[str, Any]]
 
 
-def run(args) -> int:
-    import torch
-    from tabulate import tabulate
+def _fmt(value: Optional[float], spec: str) -> str:
+    """``value`` formatted with ``spec``; a missing value (not finite) as ``nan``."""
+    return format(float("nan") if value is None else value, spec)
 
-    import attnbench.modules  # noqa: F401 - built-in registrations
-    from attnbench.modules.builder import build_model
 
-    from attnbench.profilers import flops as F_
-    from attnbench.profilers import memory as M_
-    from attnbench.profilers import params as P_
-    from attnbench.profilers import speed as S_
-
+def _profile_cell(args) -> Cell:
+    """The :class:`attnbench.results.Cell` the flags describe (metrics: params)."""
     options = parse_options(args.option)
     stages = parse_stages(args.stages)
-    attention = None if args.module.lower() == "none" else args.module
     for name, value in (("--resolution", args.resolution), ("--batch", args.batch),
                         ("--repeats", args.repeats)):
         if value < 1:
             raise OptionError(f"{name} must be a positive integer, got {value}")
+    return Cell(backbone=args.backbone,
+                module="none" if args.module.lower() == "none" else args.module,
+                options=options, stages=stages, resolution=args.resolution, batch=args.batch,
+                mode=None if args.mode == "both" else args.mode, device=args.device,
+                metrics=("params",), warmup=args.warmup, repeats=args.repeats,
+                amp=args.amp, channels_last=args.channels_last, threads=args.threads,
+                num_classes=args.num_classes)
 
-    def fresh():
-        torch.manual_seed(0)
-        return build_model(args.backbone, attention, stages=stages,
-                           num_classes=args.num_classes, **options)
 
-    model = fresh()
-    label = model.attnbench_label
+def run(args) -> int:
+    """Measure the flags' cell metric by metric (as the matrix does) and print the table."""
+    from attnbench.matrix.measure import measure_cell
+    cell = _profile_cell(args)
+    counts = {r["metric"]: r for r in measure_cell(cell, strict=True)}
+    label = counts["params"]["label"]
     dev_text = device_label(args.device, args.threads)
-    n_params = P_.count_params(model)
+    n_params = int(counts["params"]["value"])
     paper = paper_figures(args.backbone, label, n_params) if args.num_classes == 1000 else None
-    p_params = f"{paper[0]:.2f} M" if paper else ""
-    p_flops = f"{paper[1]:.2f}" if paper and paper[1] is not None \
-        and args.resolution == 224 else ""  # the papers count at 224px
-    rows: List[List[Any]] = [
-        ["params", _fmt_count(n_params), "count", p_params, "sum of parameter numel"],
-        ["attention params", _fmt_count(P_.attention_params(model, args.backbone,
-                                                            args.num_classes)),
-         "count", "", f"minus plain {args.backbone}"],
-    ]
-    rules = not args.stock_flops
+    lines = _param_lines(counts, args.backbone, paper)
     if not args.no_flops:
-        both = F_.flops_both(model, args.resolution, rules=rules)
-        for fc in (both.fvcore, both.ptflops):
-            rows.append([f"FLOPs {fc.counter}", f"{fc.gmac:.3f}", "GMac", p_flops,
-                         f"{fc.method}, batch 1, {args.resolution}px"])
-        rows.append(["FLOPs disagreement", f"{both.disagreement_pct:.2f}", "%", "",
-                     "DISAGREE (> 2 %)" if both.disagree else "ptflops vs fvcore"])
-    modes = ["eval", "train"] if args.mode == "both" else [args.mode]
-    timing = dict(batch=args.batch, resolution=args.resolution, device=args.device,
-                  amp=args.amp, channels_last=args.channels_last)
-    with S_.num_threads(args.threads):
-        if not args.no_speed:
-            for mode in modes:
-                rows.extend(_speed_rows(S_, fresh, attention, mode, args, timing, dev_text))
-        if not args.no_memory:
-            for mode in modes:
-                mem = M_.peak_memory(fresh(), mode, **timing)
-                rows.append([f"peak memory {mode}", f"{mem.peak_mib:.1f}", f"MiB ({args.device})",
-                             "", mem.method.split(":")[0]])
-    title = (f"{args.backbone} + {label}  |  resolution {args.resolution}px, batch "
-             f"{args.batch}  |  device: {dev_text}")
+        p_flops = f"{paper[1]:.2f}" if paper and paper[1] is not None \
+            and args.resolution == 224 else ""  # the papers count at 224px
+        flops = measure_cell(cell.replace(metrics=("flops",)), flop_rules=not args.stock_flops,
+                             strict=True)
+        lines.extend(_flop_lines(flops, p_flops, args.resolution))
+    if not args.no_speed:
+        lines.extend(_speed_lines(_speed_rows(cell, args.alone), args.device))
+    if not args.no_memory:
+        memory = measure_cell(cell.replace(metrics=("memory",)), strict=True)
+        lines.extend(_memory_lines(memory, args.device))
+    _print_table(f"{args.backbone} + {label}  |  resolution {args.resolution}px, batch "
+                 f"{args.batch}  |  device: {dev_text}", lines, paper)
+    return 0
+
+
+def _print_table(title: str, lines: List[Line], paper) -> None:
+    from tabulate import tabulate
     print(title)
-    print(tabulate(rows, headers=["quantity", "value", "unit", "paper", "method"],
+    print(tabulate(lines, headers=["quantity", "value", "unit", "paper", "method"],
                    disable_numparse=True, colalign=("left", "right", "left", "right", "left")))
     if paper:
         print(f"\npaper: {paper[2]} (the same configuration: backbone, label and parameter "
               f"count); FLOPs in the paper are fvcore-style multiply-adds at 224px.")
-    return 0
 
 
-def _speed_rows(S_, fresh, attention, mode, args, timing, dev_text):
-    unit_dev = f"({args.device})"
-    if attention is None or args.alone:
-        stats = S_.time_model(fresh(), mode, warmup=args.warmup, repeats=args.repeats,
-                              **timing)
-        how = stats.method
-        ratio = None
-    else:
-        from attnbench.modules.builder import build_model
-        import torch
-        torch.manual_seed(0)
-        plain = build_model(args.backbone, None, num_classes=args.num_classes)
-        res = S_.time_interleaved({"none": plain, "model": fresh()}, mode,
-                                  warmup=args.warmup, rounds=args.repeats, **timing)
-        stats = res.stats["model"]
-        ratio = res.ratios["model"]
-        how = res.method
-    rows = [[f"latency {mode}", f"{stats.median_ms:.2f}", f"ms/batch {unit_dev}", "",
-             f"median [p25 {stats.p25_ms:.2f}, p75 {stats.p75_ms:.2f}]; {how}"],
-            [f"throughput {mode}", f"{stats.throughput:.1f}", f"img/s {unit_dev}", "",
-             "batch / median latency"]]
-    if ratio is not None:
-        rows.append([f"speed ratio {mode}", f"{ratio.median:.3f}", "x vs plain", "",
-                     f"median over rounds [p25 {ratio.p25:.3f}, p75 {ratio.p75:.3f}]"])
-    return rows
+def _param_lines(counts: Mapping[str, Mapping[str, Any]], backbone: str, paper) -> List[Line]:
+    """The params and attention params lines (``counts``: the params rows by metric)."""
+    p_params = f"{paper[0]:.2f} M" if paper else ""
+    added = counts["params_attention"]["value"]
+    return [["params", f"{int(counts['params']['value']):,}", "count", p_params,
+             "sum of parameter numel"],
+            ["attention params", "nan" if added is None else f"{int(added):,}", "count", "",
+             f"minus plain {backbone}"]]
+
+
+def _flop_lines(rows: Rows, p_flops: str, resolution: int) -> List[Line]:
+    """A line per counter (named by its method) and the disagreement line."""
+    lines = []
+    for r in rows:
+        if r["metric"] == "flops":
+            counter = r["method"].split("+")[0]
+            lines.append([f"FLOPs {counter}", _fmt(r["value"], ".3f"), "GMac", p_flops,
+                          f"{r['method']}, batch 1, {resolution}px"])
+        else:
+            disagree = r["method"].startswith("DISAGREE")
+            lines.append(["FLOPs disagreement", _fmt(r["value"], ".2f"), "%", "",
+                          "DISAGREE (> 2 %)" if disagree else "ptflops vs fvcore"])
+    return lines
+
+
+def _speed_rows(cell: Cell, alone: bool) -> List[Mapping[str, Any]]:
+    """Latency rows: the model timed in interleaved rounds with the plain backbone
+    (speed ratio), or alone (``--alone``, the plain backbone itself)."""
+    from attnbench.matrix.measure import measure_cell, measure_group
+    timed = cell.replace(metrics=("latency",))
+    if cell.plain or alone:
+        return measure_cell(timed, strict=True)
+    return measure_group([timed], strict=True)
+
+
+def _by_mode(rows: Rows) -> List[Tuple[str, Dict[str, Mapping[str, Any]]]]:
+    """``[(mode, {metric: row})]`` in the order the rows have them."""
+    out: Dict[str, Dict[str, Mapping[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["mode"], {})[r["metric"]] = r
+    return list(out.items())
+
+
+def _speed_lines(rows: Rows, device: str) -> List[Line]:
+    """Latency, throughput and (interleaved) speed-ratio lines of each mode."""
+    unit_dev = f"({device})"
+    lines = []
+    for mode, r in _by_mode(rows):
+        lat = r["latency"]
+        lines.append([f"latency {mode}", _fmt(lat["value"], ".2f"), f"ms/batch {unit_dev}", "",
+                      f"median [p25 {_fmt(r['latency_p25']['value'], '.2f')}, p75 "
+                      f"{_fmt(r['latency_p75']['value'], '.2f')}]; {lat['method']}"])
+        lines.append([f"throughput {mode}", _fmt(r["throughput"]["value"], ".1f"),
+                      f"img/s {unit_dev}", "", "batch / median latency"])
+        ratio = r.get("speed_ratio")
+        if ratio is not None:
+            lines.append([f"speed ratio {mode}", _fmt(ratio["value"], ".3f"), "x vs plain", "",
+                          f"median over rounds [p25 {_fmt(ratio['ratio_p25'], '.3f')}, "
+                          f"p75 {_fmt(ratio['ratio_p75'], '.3f')}]"])
+    return lines
+
+
+def _memory_lines(rows: Rows, device: str) -> List[Line]:
+    """A peak memory line per mode."""
+    return [[f"peak memory {r['mode']}", _fmt(r["value"], ".1f"), f"MiB ({device})", "",
+             r["method"].split(":")[0]] for r in rows]

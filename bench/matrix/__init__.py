@@ -1,1 +1,2 @@
-"""The benchmark matrix: configs, the measurement of one cell or group, the runner."""
+"""The benchmark matrix: configs (expanded into cells), the measurement of one cell or
+group, the worker processes and the runner."""

@@ -42,26 +42,27 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     modes = ["eval", "train"]
     repeats = 10                      # timing keys may be overridden per sweep
 
-Every cell measures one metric of one model at one resolution, batch and mode
-(``params`` / ``flops`` cells: batch 1, mode null). Its ``cell`` id is a short sha256
-of its canonical JSON keys, so the same cell in two runs (or two sweeps) has the same
-id. With ``interleave`` on, the latency cells of all modules sharing backbone,
-resolution, batch, mode and timing settings form one *group* (``cell["group"]``),
-timed together.
+Every cell (a :class:`attnbench.results.Cell`) measures one metric of one model at one
+resolution, batch and mode (``params`` / ``flops`` cells: batch 1, mode null). Its id
+is a short sha256 of its canonical JSON keys, so the same cell in two runs (or two
+sweeps) has the same id. With ``interleave`` on, the latency cells of all modules
+sharing backbone, resolution, batch, mode and timing settings form one *group*
+(``cell.group``), timed together.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import importlib.resources
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from attnbench.modules.registry import AttnbenchError
+from attnbench.results import (METRICS, MODES, STATIC_METRICS, Cell,  # noqa: F401
+                               canonical_options, cell_id, short_hash)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,10 +71,6 @@ else:  # pragma: no cover
 
 #: the built-in configs: ``configs/`` in the checkout, installed as ``attnbench.configs``
 CONFIG_DIR = Path(str(importlib.resources.files("attnbench.configs")))
-
-METRICS = ("params", "flops", "latency", "memory")
-STATIC_METRICS = ("params", "flops")
-MODES = ("eval", "train")
 
 TOP_KEYS = {"name", "description", "device", "backbones", "num_classes", "threads", "amp",
             "channels_last", "baseline", "timing", "modules", "sweeps",
@@ -84,16 +81,16 @@ SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMIN
 TIMING_DEFAULTS = {"warmup": 2, "repeats": 5, "min_run_time": 0.0, "interleave": True,
                    "timeout_s": 600.0}
 
-#: the keys of a cell that :func:`attnbench.matrix.measure.measure_cell` receives
-MEASURE_KEYS = ("backbone", "module", "options", "stages", "resolution", "batch", "mode",
-                "device", "metrics", "warmup", "repeats", "min_run_time", "amp",
-                "channels_last", "threads", "num_classes")
 #: keys the ``--only`` filters accept
 FILTER_KEYS = ("module", "backbone", "resolution", "batch", "mode", "metric", "label")
 
-# blocks per stage, to check stage selections without building a model
-_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
-           "resnet101": [3, 4, 23, 3]}
+
+@functools.lru_cache(maxsize=None)
+def _block_counts(backbone: str) -> Tuple[int, ...]:
+    """Blocks per stage of ``backbone`` (built once per process), to check stage
+    selections without building an attention model."""
+    from attnbench.modules.builder import block_counts
+    return tuple(block_counts(backbone))
 
 
 class ConfigError(AttnbenchError, ValueError):
@@ -253,12 +250,26 @@ def _unique(values: List[Any]) -> List[Any]:
 
 
 def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
+    """The :class:`Config` of parsed TOML ``data``; :class:`ConfigError` naming the key."""
     import attnbench.modules  # noqa: F401  (registers the built-in modules)
-    from attnbench.modules.builder import BACKBONES
-    where = str(path) if path else "<config>"
-    ck = _Checker(where)
+    ck = _Checker(str(path) if path else "<config>")
     ck.keys(data, TOP_KEYS, "")
+    top = _top_level(ck, data, path)
+    timing_raw = data.get("timing", {})
+    if not isinstance(timing_raw, dict):
+        raise ck.fail("timing", "must be a table")
+    timing = _timing(ck, timing_raw, dict(TIMING_DEFAULTS), "timing")
+    entries = _module_entries(ck, data.get("modules"), top.backbones, top.baseline)
+    sweeps = _sweeps(ck, data, top.backbones, timing)
+    return Config(path=path, text=text, name=top.name, device=top.device,
+                  backbones=top.backbones, num_classes=top.num_classes, threads=top.threads,
+                  amp=top.amp, channels_last=top.channels_last, timing=timing,
+                  modules=entries, sweeps=sweeps, raw=data)
 
+
+def _top_level(ck: _Checker, data: Mapping[str, Any], path: Optional[Path]) -> SimpleNamespace:
+    """The top-level settings: name, device, backbones, num_classes, threads, amp,
+    channels_last, baseline."""
     name = data.get("name", path.stem if path else "config")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ck.fail("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -267,26 +278,32 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
     device = data.get("device", "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise ck.fail("device", f"must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    backbones = ck.str_list(data.get("backbones", ["resnet50"]), "backbones")
-    for b in backbones:
-        if b.lower() not in BACKBONES:
-            from attnbench.modules.registry import unknown_name_message
-            raise ck.fail("backbones", unknown_name_message("backbone", b, BACKBONES))
-    backbones = [b.lower() for b in backbones]
+    backbones = _backbones(ck, data.get("backbones", ["resnet50"]))
     num_classes = ck.int_(data.get("num_classes", 1000), "num_classes", 1)
     threads = data.get("threads")
     if threads is not None:
         threads = ck.int_(threads, "threads", 1)
-    amp = ck.bool_(data.get("amp", False), "amp")
-    channels_last = ck.bool_(data.get("channels_last", False), "channels_last")
-    baseline = ck.bool_(data.get("baseline", True), "baseline")
+    return SimpleNamespace(
+        name=name, device=device, backbones=backbones, num_classes=num_classes,
+        threads=threads, amp=ck.bool_(data.get("amp", False), "amp"),
+        channels_last=ck.bool_(data.get("channels_last", False), "channels_last"),
+        baseline=ck.bool_(data.get("baseline", True), "baseline"))
 
-    timing_raw = data.get("timing", {})
-    if not isinstance(timing_raw, dict):
-        raise ck.fail("timing", "must be a table")
-    timing = _timing(ck, timing_raw, dict(TIMING_DEFAULTS), "timing")
 
-    mods_raw = data.get("modules")
+def _backbones(ck: _Checker, value: Any) -> List[str]:
+    """The config's backbones, lower-cased; each must be a known one."""
+    from attnbench.modules.builder import BACKBONES
+    backbones = ck.str_list(value, "backbones")
+    for b in backbones:
+        if b.lower() not in BACKBONES:
+            from attnbench.modules.registry import unknown_name_message
+            raise ck.fail("backbones", unknown_name_message("backbone", b, BACKBONES))
+    return [b.lower() for b in backbones]
+
+
+def _module_entries(ck: _Checker, mods_raw: Any, backbones: List[str],
+                    baseline: bool) -> List[ModuleEntry]:
+    """The ``[[modules]]`` entries, with the plain backbone first when ``baseline``."""
     if mods_raw is None:
         raise ck.fail("modules", "missing: list the modules as [[modules]] tables "
                                  "(name = \"se\", optional options and stages)")
@@ -295,22 +312,33 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
     entries: List[ModuleEntry] = []
     for i, m in enumerate(mods_raw):
         entry = _module_entry(ck, m, f"modules[{i}]", backbones)
-        if any(e.name == entry.name and e.options == entry.options and e.stages == entry.stages
-               and e.backbones == entry.backbones for e in entries):
-            raise ck.fail(f"modules[{i}]", f"{entry.label} is listed twice")
-        for e in entries:
-            shared = [b for b in backbones if (e.backbones is None or b in e.backbones)
-                      and (entry.backbones is None or b in entry.backbones)]
-            if e.label == entry.label and shared:
-                raise ck.fail(f"modules[{i}]", f"two modules are labelled {entry.label!r} on "
-                                               f"{shared[0]} (they differ in stages); give "
-                                               f"one a label = \"...\"")
+        _check_distinct(ck, entries, entry, f"modules[{i}]", backbones)
         entries.append(entry)
     if baseline and not any(e.name == "none" for e in entries):
         entries.insert(0, ModuleEntry("none", {}, None, "none"))
     if not entries:
         raise ck.fail("modules", "is empty")
+    return entries
 
+
+def _check_distinct(ck: _Checker, entries: List[ModuleEntry], entry: ModuleEntry, key: str,
+                    backbones: List[str]) -> None:
+    """``entry`` is neither listed before nor labelled like another on a shared backbone."""
+    if any(e.name == entry.name and e.options == entry.options and e.stages == entry.stages
+           and e.backbones == entry.backbones for e in entries):
+        raise ck.fail(key, f"{entry.label} is listed twice")
+    for e in entries:
+        shared = [b for b in backbones if (e.backbones is None or b in e.backbones)
+                  and (entry.backbones is None or b in entry.backbones)]
+        if e.label == entry.label and shared:
+            raise ck.fail(key, f"two modules are labelled {entry.label!r} on "
+                               f"{shared[0]} (they differ in stages); give "
+                               f"one a label = \"...\"")
+
+
+def _sweeps(ck: _Checker, data: Mapping[str, Any], backbones: List[str],
+            timing: Dict[str, Any]) -> List[Sweep]:
+    """The ``[[sweeps]]`` (or the top level as the one sweep), top-level keys as defaults."""
     defaults = {
         "metrics": data.get("metrics", list(METRICS)),
         "resolutions": data.get("resolutions", [224]),
@@ -320,42 +348,43 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
     }
     sweeps_raw = data.get("sweeps")
     if sweeps_raw is None:
-        sweeps_raw = [{}]
-        prefix = ""
-    else:
-        if not isinstance(sweeps_raw, list) or not sweeps_raw or \
-                not all(isinstance(s, dict) for s in sweeps_raw):
-            raise ck.fail("sweeps", "must be a non-empty array of tables ([[sweeps]])")
-        prefix = "sweeps"
-    sweeps = []
-    for i, s in enumerate(sweeps_raw):
-        key = f"{prefix}[{i}]" if prefix else ""
-        ck.keys(s, SWEEP_KEYS, key)
-        k = (lambda name: f"{key}.{name}" if key and name in s else name)
-        merged = dict(defaults, **s)
-        sweep_backbones = ck.str_list(merged["backbones"], k("backbones"))
-        for b in sweep_backbones:
-            if b.lower() not in backbones:
-                raise ck.fail(k("backbones"), f"{b!r} is not one of the config's backbones "
-                                              f"({', '.join(backbones)})")
-        sweeps.append(Sweep(
-            metrics=ck.str_list(merged["metrics"], k("metrics"), METRICS),
-            resolutions=ck.resolutions(merged["resolutions"], k("resolutions")),
-            batches=ck.int_list(merged["batches"], k("batches"), 1),
-            modes=ck.str_list(merged["modes"], k("modes"), MODES),
-            backbones=[b.lower() for b in sweep_backbones],
-            timing=_timing(ck, {t: s[t] for t in TIMING_KEYS if t in s}, timing, key),
-        ))
-    return Config(path=path, text=text, name=name, device=device, backbones=backbones,
-                  num_classes=num_classes, threads=threads, amp=amp,
-                  channels_last=channels_last, timing=timing,
-                  modules=entries, sweeps=sweeps, raw=data)
+        return [_sweep(ck, {}, "", defaults, backbones, timing)]
+    if not isinstance(sweeps_raw, list) or not sweeps_raw or \
+            not all(isinstance(s, dict) for s in sweeps_raw):
+        raise ck.fail("sweeps", "must be a non-empty array of tables ([[sweeps]])")
+    return [_sweep(ck, s, f"sweeps[{i}]", defaults, backbones, timing)
+            for i, s in enumerate(sweeps_raw)]
+
+
+def _sweep(ck: _Checker, s: Mapping[str, Any], key: str, defaults: Mapping[str, Any],
+           backbones: List[str], timing: Dict[str, Any]) -> Sweep:
+    """One sweep table ``s`` (at ``key``; ``""`` for the top level) over ``defaults``."""
+    ck.keys(s, SWEEP_KEYS, key)
+
+    def k(name: str) -> str:  # the key an error names: the sweep's own, else the top level's
+        return f"{key}.{name}" if key and name in s else name
+    merged = dict(defaults, **s)
+    sweep_backbones = ck.str_list(merged["backbones"], k("backbones"))
+    for b in sweep_backbones:
+        if b.lower() not in backbones:
+            raise ck.fail(k("backbones"), f"{b!r} is not one of the config's backbones "
+                                          f"({', '.join(backbones)})")
+    return Sweep(
+        metrics=ck.str_list(merged["metrics"], k("metrics"), METRICS),
+        resolutions=ck.resolutions(merged["resolutions"], k("resolutions")),
+        batches=ck.int_list(merged["batches"], k("batches"), 1),
+        modes=ck.str_list(merged["modes"], k("modes"), MODES),
+        backbones=[b.lower() for b in sweep_backbones],
+        timing=_timing(ck, {t: s[t] for t in TIMING_KEYS if t in s}, timing, key),
+    )
 
 
 def _timing(ck: _Checker, raw: Mapping[str, Any], base: Dict[str, Any], key: str) -> Dict[str, Any]:
     ck.keys(raw, TIMING_KEYS, key)
     out = dict(base)
-    k = (lambda name: f"{key}.{name}" if key else name)
+
+    def k(name: str) -> str:
+        return f"{key}.{name}" if key else name
     if "warmup" in raw:
         out["warmup"] = ck.int_(raw["warmup"], k("warmup"), 0)
     if "repeats" in raw:
@@ -369,52 +398,15 @@ def _timing(ck: _Checker, raw: Mapping[str, Any], base: Dict[str, Any], key: str
     return out
 
 
-def canonical_options(name: str, options: Mapping[str, Any]) -> Tuple[Dict[str, Any], str]:
-    """``(full options with defaults filled in, label)`` of module ``name`` as
-    :func:`attnbench.modules.builder.build_model` would build it (``gate`` combinations included).
-    Raises the registry's errors for unknown names and bad options."""
-    from attnbench.modules.builder import split_gate_options
-    from attnbench.modules.registry import REGISTRY, OptionError
-    if name == "none":
-        if options:
-            raise OptionError(f"the plain backbone takes no options; got {sorted(options)}")
-        return {}, "none"
-    spec = REGISTRY.get(name)
-    rest = dict(options)
-    gate, gate_options = split_gate_options(rest)
-    if gate is not None and spec.kind != "conv":
-        raise OptionError(f"{spec.name}: option 'gate' combines a gate with a conv-kind "
-                          f"module (e.g. aw); {spec.name!r} is of kind {spec.kind!r}")
-    opts = spec.options(rest)
-    label = spec.display(opts)
-    if gate is not None:
-        gate_spec = REGISTRY.get(gate)
-        if gate_spec.kind != "gate":
-            raise OptionError(f"{spec.name}: gate={gate!r} is of kind {gate_spec.kind!r}, "
-                              f"not 'gate'")
-        gate_opts = gate_spec.options(gate_options)
-        label = f"{label}-{gate_spec.display(gate_opts)}"
-        opts["gate"] = gate_spec.name
-        if gate_opts:
-            opts["gate_options"] = gate_opts
-    return opts, label
-
-
 def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
                   backbones: List[str]) -> ModuleEntry:
-    from attnbench.modules.builder import resolve_stages
+    """One ``[[modules]]`` table: a known name, valid options and stages, its label."""
     from attnbench.modules.registry import REGISTRY
     ck.keys(m, MODULE_KEYS, key)
-    if "name" not in m:
-        raise ck.fail(key, "missing 'name' (a registered module or \"none\")")
-    name = m["name"]
-    if not isinstance(name, str):
-        raise ck.fail(f"{key}.name", f"must be a string, got {name!r}")
-    name = name.lower()
+    name = _module_name(ck, m, key)
     options = m.get("options", {})
     if not isinstance(options, dict):
         raise ck.fail(f"{key}.options", f"must be a table, got {options!r}")
-    stages = m.get("stages")
     only_on = None
     if "backbones" in m:
         only_on = [b.lower() for b in ck.str_list(m["backbones"], f"{key}.backbones")]
@@ -432,25 +424,9 @@ def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
         full, label = canonical_options(name, options)
     except AttnbenchError as err:
         raise ck.fail(f"{key}.options", str(err)) from None
+    stages = m.get("stages")
     if stages is not None:
-        if name == "none":
-            raise ck.fail(f"{key}.stages", "the plain backbone takes no stages")
-        spec = REGISTRY.get(name)
-        if spec.kind in ("network", "head"):
-            raise ck.fail(f"{key}.stages", f"a {spec.kind}-kind module ({name}) takes no stages")
-        for b in backbones:
-            counts = _BLOCKS.get(b)
-            if counts is None:
-                from attnbench.modules.builder import block_counts
-                counts = block_counts(b)
-            fake = SimpleNamespace(**{f"layer{i + 1}": range(n) for i, n in enumerate(counts)})
-            try:
-                resolve_stages(fake, stages, spec, b)
-            except AttnbenchError as err:
-                raise ck.fail(f"{key}.stages", f"{err} (backbone {b})") from None
-            except Exception as err:  # noqa: BLE001 - a preset failing on its own
-                raise ck.fail(f"{key}.stages", f"{type(err).__name__}: {err} (backbone {b})") \
-                    from None
+        _check_stages(ck, f"{key}.stages", name, stages, backbones)
     if "label" in m:
         if not isinstance(m["label"], str) or not m["label"].strip():
             raise ck.fail(f"{key}.label", f"must be a non-empty string, got {m['label']!r}")
@@ -458,73 +434,88 @@ def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
     return ModuleEntry(name=name, options=full, stages=stages, label=label, backbones=only_on)
 
 
+def _module_name(ck: _Checker, m: Mapping[str, Any], key: str) -> str:
+    """The entry's module name, lower-cased."""
+    if "name" not in m:
+        raise ck.fail(key, "missing 'name' (a registered module or \"none\")")
+    name = m["name"]
+    if not isinstance(name, str):
+        raise ck.fail(f"{key}.name", f"must be a string, got {name!r}")
+    return name.lower()
+
+
+def _check_stages(ck: _Checker, key: str, name: str, stages: Any,
+                  backbones: List[str]) -> None:
+    """``stages`` of module ``name`` resolve on every one of ``backbones``."""
+    from attnbench.modules.builder import resolve_stages
+    from attnbench.modules.registry import REGISTRY
+    if name == "none":
+        raise ck.fail(key, "the plain backbone takes no stages")
+    spec = REGISTRY.get(name)
+    if spec.kind in ("network", "head"):
+        raise ck.fail(key, f"a {spec.kind}-kind module ({name}) takes no stages")
+    for b in backbones:
+        counts = _block_counts(b)
+        fake = SimpleNamespace(**{f"layer{i + 1}": range(n) for i, n in enumerate(counts)})
+        try:
+            resolve_stages(fake, stages, spec, b)
+        except AttnbenchError as err:
+            raise ck.fail(key, f"{err} (backbone {b})") from None
+        except Exception as err:  # noqa: BLE001 - a preset failing on its own
+            raise ck.fail(key, f"{type(err).__name__}: {err} (backbone {b})") from None
+
+
 # --------------------------------------------------------------------------- expansion
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      default=str)
-
-
-def short_hash(value: Any, n: int = 12) -> str:
-    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:n]
-
-
-def cell_id(cell: Mapping[str, Any]) -> str:
-    """Stable id of a cell: short sha of the canonical JSON of its measurement keys
-    (plus whether its latency is timed in an interleaved group)."""
-    keys = {k: cell.get(k) for k in MEASURE_KEYS}
-    keys["interleaved"] = bool(cell.get("group"))
-    return short_hash(keys)
-
-
-def expand(config: Config, only: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+def expand(config: Config, only: Optional[Sequence[str]] = None) -> List[Cell]:
     """Every cell of ``config`` (deduplicated by id, in sweep order), filtered by
     ``only`` (``["module=se,td", "resolution=224"]``)."""
-    cells: List[Dict[str, Any]] = []
+    cells: List[Cell] = []
     seen = set()
     for sweep in config.sweeps:
-        t = sweep.timing
-        for backbone in sweep.backbones:
-            for metric in sweep.metrics:
-                static = metric in STATIC_METRICS
-                for resolution in sweep.resolutions:
-                    batches = [1] if static else sweep.batches
-                    modes = [None] if static else sweep.modes
-                    for batch in batches:
-                        for mode in modes:
-                            group = None
-                            if metric == "latency" and t["interleave"]:
-                                group = "g" + short_hash(
-                                    [backbone, resolution, batch, mode, config.device, t,
-                                     config.amp, config.channels_last, config.threads,
-                                     config.num_classes], 10)
-                            for entry in config.modules:
-                                if entry.backbones is not None and \
-                                        backbone not in entry.backbones:
-                                    continue
-                                cell = {
-                                    "backbone": backbone, "module": entry.name,
-                                    "label": entry.label, "options": dict(entry.options),
-                                    "stages": entry.stages, "resolution": resolution,
-                                    "batch": batch, "mode": mode, "device": config.device,
-                                    "metrics": [metric], "warmup": t["warmup"],
-                                    "repeats": t["repeats"],
-                                    "min_run_time": t["min_run_time"], "amp": config.amp,
-                                    "channels_last": config.channels_last,
-                                    "threads": config.threads,
-                                    "num_classes": config.num_classes,
-                                    "timeout_s": t["timeout_s"], "group": group,
-                                }
-                                if metric != "latency":  # timing does not apply
-                                    cell.update(warmup=None, repeats=None, min_run_time=None)
-                                cell["cell"] = cell_id(cell)
-                                if cell["cell"] in seen:
-                                    continue
-                                seen.add(cell["cell"])
-                                cells.append(cell)
+        for cell in _sweep_cells(config, sweep):
+            if cell.id not in seen:
+                seen.add(cell.id)
+                cells.append(cell)
     if only:
         cells = apply_filters(cells, parse_filters(only), config.where)
     return cells
+
+
+def _points(sweep: Sweep) -> Iterator[Tuple[str, str, int, int, Optional[str]]]:
+    """``(backbone, metric, resolution, batch, mode)`` of a sweep, in order; ``params``
+    and ``flops`` at batch 1, mode null."""
+    for backbone in sweep.backbones:
+        for metric in sweep.metrics:
+            static = metric in STATIC_METRICS
+            for resolution in sweep.resolutions:
+                for batch in ([1] if static else sweep.batches):
+                    for mode in ([None] if static else sweep.modes):
+                        yield backbone, metric, resolution, batch, mode
+
+
+def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
+    """The cells of one sweep: each point for each module entry on its backbone."""
+    t = sweep.timing
+    for backbone, metric, resolution, batch, mode in _points(sweep):
+        group = None
+        if metric == "latency" and t["interleave"]:
+            group = "g" + short_hash([backbone, resolution, batch, mode, config.device, t,
+                                      config.amp, config.channels_last, config.threads,
+                                      config.num_classes], 10)
+        timed = metric == "latency"  # timing settings apply to latency cells only
+        for entry in config.modules:
+            if entry.backbones is not None and backbone not in entry.backbones:
+                continue
+            yield Cell(
+                backbone=backbone, module=entry.name, label=entry.label,
+                options=dict(entry.options), stages=entry.stages, resolution=resolution,
+                batch=batch, mode=mode, device=config.device, metrics=(metric,),
+                warmup=t["warmup"] if timed else None,
+                repeats=t["repeats"] if timed else None,
+                min_run_time=t["min_run_time"] if timed else None, amp=config.amp,
+                channels_last=config.channels_last, threads=config.threads,
+                num_classes=config.num_classes, timeout_s=t["timeout_s"], group=group)
 
 
 def parse_filters(only: Sequence[str]) -> Dict[str, List[str]]:
@@ -546,61 +537,53 @@ def parse_filters(only: Sequence[str]) -> Dict[str, List[str]]:
     return out
 
 
-def _matches(cell: Mapping[str, Any], key: str, values: List[str]) -> bool:
-    if key == "metric":
-        actual = cell["metrics"][0]
-    else:
-        actual = cell.get(key)
+def _value(cell: Cell, key: str) -> Any:
+    """The value of filter key ``key`` in ``cell`` (``metric``: its metric)."""
+    return cell.metrics[0] if key == "metric" else getattr(cell, key)
+
+
+def _matches(cell: Cell, key: str, values: List[str]) -> bool:
+    actual = _value(cell, key)
     if key == "mode" and actual is None:
         return any(v.lower() in ("none", "null", "-") for v in values)
     return str(actual).lower() in {v.lower() for v in values}
 
 
-def apply_filters(cells: List[Dict[str, Any]], filters: Mapping[str, List[str]],
-                  where: str = "<config>") -> List[Dict[str, Any]]:
+def apply_filters(cells: List[Cell], filters: Mapping[str, List[str]],
+                  where: str = "<config>") -> List[Cell]:
     """Keep the cells matching every filter (any of its values). A module filter keeps
     the plain backbone of interleaved groups, their speed ratios' reference."""
     for key, values in filters.items():
-        present = {str(c["metrics"][0] if key == "metric" else c.get(key)).lower()
-                   for c in cells}
+        present = {str(_value(c, key)).lower() for c in cells}
         missing = [v for v in values if v.lower() not in present
                    and not (key == "mode" and v.lower() in ("none", "null", "-"))]
         if missing:
             raise ConfigError(f"{where}: --only {key}={','.join(missing)} matches no cell "
                               f"(present: {', '.join(sorted(present))})")
-    kept = []
-    for cell in cells:
-        ok = True
-        for key, values in filters.items():
-            if key in ("module", "label") and cell["module"] == "none" and cell.get("group"):
-                continue
-            if not _matches(cell, key, values):
-                ok = False
-                break
-        if ok:
-            kept.append(cell)
+    kept = [c for c in cells if all(
+        _matches(c, key, values) for key, values in filters.items()
+        if not (key in ("module", "label") and c.plain and c.group))]
     # drop groups left with their baseline alone
     groups: Dict[str, int] = {}
     for c in kept:
-        if c.get("group") and c["module"] != "none":
-            groups[c["group"]] = groups.get(c["group"], 0) + 1
+        if c.group and not c.plain:
+            groups[c.group] = groups.get(c.group, 0) + 1
     if any(k in filters for k in ("module", "label")):
-        kept = [c for c in kept if not (c.get("group") and c["module"] == "none"
-                                        and not groups.get(c["group"])
+        kept = [c for c in kept if not (c.group and c.plain and not groups.get(c.group)
                                         and not _module_selected(c, filters))]
     return kept
 
 
-def _module_selected(cell: Mapping[str, Any], filters: Mapping[str, List[str]]) -> bool:
+def _module_selected(cell: Cell, filters: Mapping[str, List[str]]) -> bool:
     return all(_matches(cell, k, filters[k]) for k in ("module", "label") if k in filters)
 
 
-def units(cells: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+def units(cells: List[Cell]) -> List[List[Cell]]:
     """Cells grouped into units of work: one interleaved group, or one cell."""
-    out: List[List[Dict[str, Any]]] = []
+    out: List[List[Cell]] = []
     index: Dict[str, int] = {}
     for cell in cells:
-        g = cell.get("group")
+        g = cell.group
         if g:
             if g in index:
                 out[index[g]].append(cell)
@@ -608,8 +591,3 @@ def units(cells: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
             index[g] = len(out)
         out.append([cell])
     return out
-
-
-def measure_args(cell: Mapping[str, Any]) -> Dict[str, Any]:
-    """The dict :func:`attnbench.matrix.measure.measure_cell` receives for ``cell``."""
-    return {k: cell[k] for k in MEASURE_KEYS if k in cell}

@@ -26,24 +26,24 @@ flops fvcore   the module adds FLOPs, and none of its ops with multiply-adds goe
 flops ptflops  the same with ptflops
 =============  ==============================================================
 
-Prints a pass/fail table with the reason of each failure; the exit status is 0 only
-if no check FAILs (WARN and SKIP do not fail).
+:func:`report_text` gives a pass/fail table with the reason of each failure;
+:func:`exit_code` is 0 only if no check FAILs (WARN and SKIP do not fail). The command
+line is :mod:`attnbench.cli.check_module`.
 """
 from __future__ import annotations
-
-from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
 
 import io
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-DEFAULT_RESOLUTIONS = tuple(range(168, 449, 28))
+from attnbench.results import RESOLUTION_SWEEP, error_text
+
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 
 
@@ -77,17 +77,13 @@ def _shape(t: Any) -> Any:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _error(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".strip().replace("\n", " ")[:400]
-
-
 # --------------------------------------------------------------------------- checks
 class ModuleChecker:
     """Runs the checks for one module; :meth:`run` returns the :class:`Check` list."""
 
     def __init__(self, name: str, backbone: str = "resnet18",
                  options: Optional[Mapping[str, Any]] = None, stages: Any = None,
-                 num_classes: int = 10, resolutions: Sequence[int] = DEFAULT_RESOLUTIONS,
+                 num_classes: int = 10, resolutions: Sequence[int] = RESOLUTION_SWEEP,
                  device: str = "cpu", seed: int = 0, flops: bool = True,
                  flops_resolution: int = 224,
                  progress: Optional[Callable[[Check], None]] = None) -> None:
@@ -131,7 +127,7 @@ class ModuleChecker:
         except _Skip as err:
             check = Check(name, SKIP, str(err))
         except Exception as err:  # noqa: BLE001  (any crash of the module is a failure)
-            check = Check(name, FAIL, f"{self.name}: {_error(err)}")
+            check = Check(name, FAIL, f"{self.name}: {error_text(err)}")
         check.seconds = time.perf_counter() - start
         self.results.append(check)
         if self.progress:
@@ -279,7 +275,7 @@ class ModuleChecker:
                     with torch.no_grad():
                         out = model(x)
             except Exception as err:  # noqa: BLE001
-                bad.append(f"{res}²: {_error(err)}")
+                bad.append(f"{res}²: {error_text(err)}")
                 if not train and res == min(self.resolutions):
                     self._forward_ok = False
                 continue
@@ -401,7 +397,7 @@ class ModuleChecker:
             with torch.no_grad():
                 out = model(x)
         except Exception as err:  # noqa: BLE001
-            raise _Fail(f"{self.name}: after model.double() the forward fails ({_error(err)}); "
+            raise _Fail(f"{self.name}: after model.double() the forward fails ({error_text(err)}); "
                         f"a tensor created in forward with a fixed dtype or device? use "
                         f"x.new_tensor / torch.*(..., dtype=x.dtype, device=x.device)") from None
         if out.dtype != torch.float64:
@@ -418,7 +414,7 @@ class ModuleChecker:
                 out = model(x.contiguous(memory_format=torch.channels_last))
             except Exception as err:  # noqa: BLE001
                 raise _Warn(f"{self.name}: fails in channels_last memory format "
-                            f"({_error(err)}); use .reshape instead of .view") from None
+                            f"({error_text(err)}); use .reshape instead of .view") from None
         if not torch.allclose(ref, out, rtol=1e-4, atol=1e-5):
             raise _Warn(f"{self.name}: channels_last output differs from contiguous "
                         f"(max |diff| {(ref - out).abs().max().item():.3g})")
@@ -502,45 +498,20 @@ def _uncounted(items: Sequence[str]) -> Counter:
     return out
 
 
-# --------------------------------------------------------------------------- command line
-def register_cli(sub, parent) -> None:
-    p = sub.add_parser(
-        "check-module", parents=[parent], help="conformance checks for an attention module",
-        description="Build NAME into a backbone and check what the suite relies on: shapes, "
-                    "every resolution 168..448 (train and eval), gradients, state_dict round "
-                    "trip, determinism, FLOP counting. Exit status 0 only if nothing FAILs.")
-    p.add_argument("name", metavar="NAME", help="registered module name (see attnbench list)")
-    p.add_argument("--backbone", default="resnet18", help="backbone (default resnet18)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="module option, e.g. reduction=8 (repeatable)")
-    p.add_argument("--stages", default=None,
-                   help="stage selection: 3,4 | all | a preset | JSON mapping")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--resolutions", default=None, metavar="R1,R2,...",
-                   help="input sides to sweep (default 168..448 step 28)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-flops", action="store_true", help="skip the two FLOP counters")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
+# --------------------------------------------------------------------------- the report
+def report_text(name: str, results: Sequence[Check]) -> str:
+    """The pass/fail table of ``results`` and a last line with the verdict."""
     from tabulate import tabulate
-    resolutions = DEFAULT_RESOLUTIONS
-    if args.resolutions:
-        resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
-    checker = ModuleChecker(args.name, backbone=args.backbone,
-                            options=parse_options(args.option),
-                            stages=parse_stages(args.stages), num_classes=args.num_classes,
-                            resolutions=resolutions, device=args.device, seed=args.seed,
-                            flops=not args.no_flops)
-    results = checker.run()
     rows = [[c.name, c.status, f"{c.seconds:.1f}", c.detail] for c in results]
-    print(tabulate(rows, headers=["check", "result", "s", "detail"],
-                   maxcolwidths=[None, None, None, 90]))
+    table = tabulate(rows, headers=["check", "result", "s", "detail"],
+                     maxcolwidths=[None, None, None, 90])
     failed = [c.name for c in results if c.status == FAIL]
     counts = {s: sum(c.status == s for c in results) for s in (PASS, WARN, SKIP, FAIL)}
     summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     verdict = f"FAILED: {', '.join(failed)}" if failed else "conforms"
-    print(f"\n{args.name}: {summary} -- {verdict}")
-    return 1 if failed else 0
+    return f"{table}\n\n{name}: {summary} -- {verdict}"
+
+
+def exit_code(results: Sequence[Check]) -> int:
+    """0 when no check FAILed (WARN and SKIP do not fail), else 1."""
+    return 1 if any(c.status == FAIL for c in results) else 0

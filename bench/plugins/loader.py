@@ -31,9 +31,13 @@ from types import ModuleType
 from typing import Dict, Iterable, List, Optional
 
 import attnbench.modules  # noqa: F401  (built-ins first, so plugin clashes are detected)
-from attnbench.modules.registry import REGISTRY, AttnbenchError, ModuleSpec
+from attnbench.modules.registry import REGISTRY, AttnbenchError
 
 ENTRY_POINT_GROUP = "attnbench.modules"
+
+#: attnbench's old top-level packages, which a plugin written for them may still import
+OLD_PACKAGES = {"modules": "attnbench.modules", "bench": "attnbench"}
+_OLD_IMPORT = re.compile(r"\s*(?:from|import)\s+(modules|bench)\b")
 
 
 class PluginError(AttnbenchError):
@@ -131,7 +135,8 @@ def load_entry_points(strict: bool = False, force: bool = False) -> List[str]:
         dist = getattr(getattr(ep, "dist", None), "name", None)
         what = f"entry point {ep.name!r} = {ep.value!r}" + (f" of {dist}" if dist else "")
         try:
-            _guarded(what, _origin(ep.module), ep.load, f"plugin {ep.value}" + (f" ({dist})" if dist else ""),
+            _guarded(what, _origin(ep.module), ep.load,
+                     f"plugin {ep.value}" + (f" ({dist})" if dist else ""),
                      key=f"entry point {ep.name}")
         except PluginError as err:
             if strict:
@@ -215,15 +220,15 @@ def _guarded(what: str, path: Optional[str], load, source: str, key: Optional[st
     try:
         module = load()
     except PluginError:
-        _restore(before)
+        REGISTRY.restore(before)
         raise
     except BaseException as err:  # noqa: BLE001  (SystemExit in a plugin too)
-        _restore(before)
+        REGISTRY.restore(before)
         if isinstance(err, KeyboardInterrupt):
             raise
         raise PluginError(f"{what} failed to load{_where(err, path)}: "
-                          f"{type(err).__name__}: {err}; no module of it was registered"
-                          ) from err
+                          f"{type(err).__name__}: {_reason(err)}; no module of it was "
+                          f"registered") from err
     added = [n for n, s in REGISTRY.snapshot().items() if before.get(n) is not s]
     for name in added:  # a readable source for `attnbench list` and clash messages
         if REGISTRY.get(name).source.startswith("plugin "):
@@ -232,8 +237,30 @@ def _guarded(what: str, path: Optional[str], load, source: str, key: Optional[st
     return module
 
 
-def _restore(before: Dict[str, ModuleSpec]) -> None:
-    REGISTRY.restore(before)
+def _reason(err: BaseException) -> str:
+    """The error's message; for an import of attnbench's old top-level names (``modules``,
+    ``bench``) what to import instead."""
+    old = _old_package(err)
+    if old is None:
+        return str(err)
+    return (f"it imports '{old}', the old top-level name of '{OLD_PACKAGES[old]}'; import "
+            f"from attnbench instead, e.g. `from attnbench import register` (the public API: "
+            f"attnbench.__all__)")
+
+
+def _old_package(err: BaseException) -> Optional[str]:
+    """``modules`` or ``bench`` when ``err`` is the failed import of that old name (not
+    installed, or refused by the folder of a checkout), else ``None``."""
+    if not isinstance(err, ImportError):
+        return None
+    top = (err.name or "").split(".")[0]
+    if top in OLD_PACKAGES:
+        return top
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        found = _OLD_IMPORT.match(frame.line or "")
+        if found:
+            return found.group(1)
+    return None
 
 
 def _where(err: BaseException, path: Optional[str]) -> str:

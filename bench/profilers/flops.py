@@ -4,8 +4,8 @@ Both count one fused multiply-add as one operation, at batch 1 and a square inpu
 the given resolution, on a model in eval mode. They differ in convention (ptflops also
 counts ReLU, max-pooling and biases; its pytorch backend counts ``nn.ReLU`` and
 ``nn.MaxPool2d`` twice -- the module hook and the patched ``F.relu``/``F.max_pool2d``,
-10.5 M MACs on ResNet-50 --; fvcore ignores element-wise ops), so every figure names its counter, and :func:`flops_both`
-reports their disagreement instead of hiding it.
+10.5 M MACs on ResNet-50 --; fvcore ignores element-wise ops), so every figure names its
+counter, and :func:`flops_both` reports their disagreement instead of hiding it.
 
 Counting rules added (``rules=True``, the default and what ``attnbench`` results
 use; ``rules=False`` gives each library's stock counts -- the convention of
@@ -159,10 +159,9 @@ def _fv_shape(value) -> Optional[List[int]]:
         return None
 
 
-def _fvcore_handles(tally: Counter) -> Dict[str, Any]:
-    """Handles for the ops fvcore lacks; each adds what it counted to ``tally``."""
-
-    def reduce_handle(inputs, outputs):
+def _reduce_handle(tally: Counter):
+    """``aten::sum`` / ``aten::mean``: one multiply-add per reduced input element."""
+    def handle(inputs, outputs):
         shape = _fv_shape(inputs[0])
         if not shape:
             return 0
@@ -172,56 +171,65 @@ def _fvcore_handles(tally: Counter) -> Dict[str, Any]:
         if node.kind() in ("aten::mul", "aten::mul_"):
             tally["_contracted_mul"] += 1
         return n
+    return handle
 
-    def input_elements(rule):
-        def handle(inputs, outputs):
-            shape = _fv_shape(inputs[0])
-            n = _prod(shape) if shape else 0
-            tally[rule] += n
-            return n
-        return handle
 
-    def output_elements(rule, per):
-        def handle(inputs, outputs):
-            shape = _fv_shape(outputs[0])
-            n = _prod(shape) * per if shape else 0
-            tally[rule] += n
-            return n
-        return handle
+def _input_elements(tally: Counter, rule: str):
+    """One operation per input element, tallied under ``rule``."""
+    def handle(inputs, outputs):
+        shape = _fv_shape(inputs[0])
+        n = _prod(shape) if shape else 0
+        tally[rule] += n
+        return n
+    return handle
 
-    def conv_handle(transposed):
-        def handle(inputs, outputs):
-            x, w, y = _fv_shape(inputs[0]), _fv_shape(inputs[1]), _fv_shape(outputs[0])
-            if not (x and w and y):
-                return 0
-            spatial = x[2:] if transposed else y[2:]
-            n = x[0] * _prod(w) * _prod(spatial)
-            tally["conv"] += n
-            return n
-        return handle
 
-    handles: Dict[str, Any] = {
-        "aten::sum": reduce_handle,
-        "aten::mean": reduce_handle,
-        "aten::avg_pool1d": input_elements("avg_pool"),
-        "aten::avg_pool2d": input_elements("avg_pool"),
-        "aten::avg_pool3d": input_elements("avg_pool"),
-        "aten::adaptive_avg_pool1d": input_elements("avg_pool"),
-        "aten::adaptive_avg_pool3d": input_elements("avg_pool"),
-        "aten::upsample_bicubic2d": output_elements("upsample", 16),
-        "aten::_upsample_bicubic2d_aa": output_elements("upsample", 16),
-        "aten::_upsample_bilinear2d_aa": output_elements("upsample", 4),
-        "aten::upsample_linear1d": output_elements("upsample", 2),
-        "aten::upsample_trilinear3d": output_elements("upsample", 8),
-        "aten::upsample_nearest1d": output_elements("upsample", 1),
-        "aten::upsample_nearest3d": output_elements("upsample", 1),
-        "aten::_upsample_nearest_exact1d": output_elements("upsample", 1),
-        "aten::_upsample_nearest_exact2d": output_elements("upsample", 1),
-        "aten::_upsample_nearest_exact3d": output_elements("upsample", 1),
-    }
+def _output_elements(tally: Counter, rule: str, per: int):
+    """``per`` operations per output element, tallied under ``rule``."""
+    def handle(inputs, outputs):
+        shape = _fv_shape(outputs[0])
+        n = _prod(shape) * per if shape else 0
+        tally[rule] += n
+        return n
+    return handle
+
+
+def _conv_handle(tally: Counter, transposed: bool):
+    """A convolution: batch x weight elements x output (transposed: input) positions."""
+    def handle(inputs, outputs):
+        x, w, y = _fv_shape(inputs[0]), _fv_shape(inputs[1]), _fv_shape(outputs[0])
+        if not (x and w and y):
+            return 0
+        spatial = x[2:] if transposed else y[2:]
+        n = x[0] * _prod(w) * _prod(spatial)
+        tally["conv"] += n
+        return n
+    return handle
+
+
+#: multiply-adds per output element of the interpolations fvcore lacks
+_UPSAMPLE_PER_OUTPUT = {
+    "aten::upsample_bicubic2d": 16, "aten::_upsample_bicubic2d_aa": 16,
+    "aten::_upsample_bilinear2d_aa": 4, "aten::upsample_linear1d": 2,
+    "aten::upsample_trilinear3d": 8, "aten::upsample_nearest1d": 1,
+    "aten::upsample_nearest3d": 1, "aten::_upsample_nearest_exact1d": 1,
+    "aten::_upsample_nearest_exact2d": 1, "aten::_upsample_nearest_exact3d": 1,
+}
+_AVG_POOLS = ("aten::avg_pool1d", "aten::avg_pool2d", "aten::avg_pool3d",
+              "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool3d")
+
+
+def _fvcore_handles(tally: Counter) -> Dict[str, Any]:
+    """Handles for the ops fvcore lacks; each adds what it counted to ``tally``."""
+    handles: Dict[str, Any] = {"aten::sum": _reduce_handle(tally),
+                               "aten::mean": _reduce_handle(tally)}
+    for name in _AVG_POOLS:
+        handles[name] = _input_elements(tally, "avg_pool")
+    for name, per in _UPSAMPLE_PER_OUTPUT.items():
+        handles[name] = _output_elements(tally, "upsample", per)
     for d in (1, 2, 3):
-        handles[f"aten::conv{d}d"] = conv_handle(False)
-        handles[f"aten::conv_transpose{d}d"] = conv_handle(True)
+        handles[f"aten::conv{d}d"] = _conv_handle(tally, False)
+        handles[f"aten::conv_transpose{d}d"] = _conv_handle(tally, True)
     return handles
 
 

@@ -195,6 +195,102 @@ def _label_points(fig: Figure, ax, pts: Sequence[Tuple[str, float, float, float]
         placed.append(bb)
 
 
+class _MarkerSizes:
+    """Marker areas of a throughput plot: proportional to FLOPs (the largest gets
+    ``MAX``, the same scale in every panel); hollow markers of a fixed size where the
+    FLOPs are unknown; one size for all when no FLOPs are known at all."""
+
+    MAX, UNKNOWN, UNIFORM = 420.0, 110.0, 150.0
+
+    def __init__(self, flops) -> None:
+        known = flops.dropna()
+        known = known[known > 0]
+        self.has_size = bool(len(known))
+        self.top = float(known.max()) if self.has_size else 1.0
+        self.low = float(known.min()) if self.has_size else None
+        self.any_unknown = bool(flops.isna().any()) and self.has_size
+
+    def filled(self, f) -> bool:
+        """Whether a point with FLOPs ``f`` is drawn filled (known FLOPs, or no sizes)."""
+        return (self.has_size and f == f and f > 0) or not self.has_size
+
+    def area(self, f) -> float:
+        if self.has_size and f == f and f > 0:
+            return self.MAX * float(f) / self.top
+        return self.UNKNOWN if self.has_size else self.UNIFORM
+
+    def key(self) -> Tuple[list, List[str]]:
+        """Handles and texts of the size key: a few representative FLOPs (and unknown)."""
+        from matplotlib.lines import Line2D
+        ticks = _size_ticks(self.low, self.top)
+        handles = [Line2D([], [], linestyle="", marker="o", alpha=0.8,
+                          markersize=math.sqrt(self.MAX * v / self.top), markerfacecolor="0.35",
+                          markeredgecolor="0.2", markeredgewidth=0.6) for v, _ in ticks]
+        texts = [t for _, t in ticks]
+        if self.any_unknown:
+            handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none",
+                                  markeredgecolor="0.35", markeredgewidth=1.6,
+                                  markersize=math.sqrt(self.UNKNOWN)))
+            texts.append("unknown")
+        return handles, texts
+
+
+_MODE_TITLES = {"train": "training step (forward + backward + update)",
+                "eval": "inference (eval, no grad)"}
+
+
+def _scatter_panel(ax, d, mode: str, order: Sequence[str], colours: Dict[str, tuple],
+                   sizes: _MarkerSizes) -> List[Tuple[str, float, float, float]]:
+    """One mode's points, method by method (then by parameters and FPS); returns them as
+    ``(text, x, y, area)`` for :func:`_label_points`."""
+    pts = []
+    for method in order:
+        dm = d[d["method"] == method].sort_values(["params_M", "fps"])
+        col = colours.get(method, (0.4, 0.4, 0.4))
+        for _, p in dm.iterrows():
+            f = p["flops_G"]
+            area, filled = sizes.area(f), sizes.filled(f)
+            ax.scatter([p["params_M"]], [p["fps"]], s=area, marker="o",
+                       facecolors=col if filled else "none",
+                       edgecolors="0.2" if filled else col,
+                       linewidths=0.6 if filled else 1.6, alpha=0.8, zorder=3)
+            pts.append((method, float(p["params_M"]), float(p["fps"]), area))
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel(f"throughput, {mode} (img/s)")
+    ax.set_title(_MODE_TITLES[mode])
+    ax.margins(x=0.2, y=0.2)
+    return pts
+
+
+def _method_legend(ax, order: Sequence[str], colours: Dict[str, tuple]) -> None:
+    """The method colours, right of ``ax``."""
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=8, alpha=0.8,
+                      markerfacecolor=colours.get(m, (0.4, 0.4, 0.4)),
+                      markeredgecolor="0.2", markeredgewidth=0.6) for m in order]
+    ax.legend(handles, order, title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              frameon=False)
+
+
+def _size_key(fig: Figure, canvas, ax, sizes: _MarkerSizes, flops_label: str) -> None:
+    """The FLOPs size key right under ``ax``'s x label (an axes artist, so that the
+    constrained layout makes room for it and puts the caption below it)."""
+    from matplotlib.legend import Legend
+    from matplotlib.transforms import ScaledTranslation
+    handles, texts = sizes.key()
+    canvas.draw()
+    r = canvas.get_renderer()
+    low = min(ax.xaxis.label.get_window_extent(r).y0, ax.xaxis.get_tightbbox(r).y0)
+    drop = (ax.bbox.y0 - low) / fig.dpi + 0.05
+    key = Legend(ax, handles, texts, title=flops_label, loc="upper left",
+                 bbox_to_anchor=(0.0, 0.0), ncol=len(handles), frameon=False,
+                 bbox_transform=ax.transAxes + ScaledTranslation(0, -drop, fig.dpi_scale_trans),
+                 handletextpad=0.5, columnspacing=1.8, handleheight=2.0,
+                 borderaxespad=0.0, alignment="left")
+    ax.add_artist(key)
+    key.set_clip_on(False)
+
+
 def throughput_vs_params(points, base: Path, formats: Sequence[str], title: str,
                          subtitle: str, colours: Dict[str, tuple],
                          flops_label: str = "FLOPs (G)", failed: Sequence[str] = ()) -> List[Path]:
@@ -204,87 +300,24 @@ def throughput_vs_params(points, base: Path, formats: Sequence[str], title: str,
     (labels moved apart so that they do not overlap). ``points``: DataFrame with columns
     ``method``, ``params_M``, ``fps``, ``flops_G`` (may be NaN), ``mode``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.lines import Line2D
     flops_label = _flops_unit(flops_label)
     modes = [m for m in ("train", "eval") if m in set(points["mode"])]
     present = set(points["method"])
     order = [k for k in colours if k in present] + sorted(present - set(colours))
-    max_area, unknown_area = 420.0, 110.0
     with _Style():
         fig = Figure(figsize=(5.2 * len(modes) + 2.8, 4.9), layout="constrained")
         canvas = FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(modes), squeeze=False)[0]
-        known = points["flops_G"].dropna()
-        known = known[known > 0]
-        has_size = bool(len(known))
-        top = float(known.max()) if has_size else 1.0
-        any_unknown = bool(points["flops_G"].isna().any()) and has_size
-        labels_per_ax = []
-        for ax, mode in zip(axes, modes):
-            d = points[points["mode"] == mode]
-            pts = []
-            for method in order:
-                dm = d[d["method"] == method].sort_values(["params_M", "fps"])
-                if not len(dm):
-                    continue
-                col = colours.get(method, (0.4, 0.4, 0.4))
-                for _, p in dm.iterrows():
-                    f = p["flops_G"]
-                    ok = has_size and f == f and f > 0
-                    area = max_area * float(f) / top if ok else (
-                        unknown_area if has_size else 150.0)
-                    ax.scatter([p["params_M"]], [p["fps"]], s=area, marker="o",
-                               facecolors=col if (ok or not has_size) else "none",
-                               edgecolors="0.2" if (ok or not has_size) else col,
-                               linewidths=0.6 if (ok or not has_size) else 1.6,
-                               alpha=0.8, zorder=3)
-                    pts.append((method, float(p["params_M"]), float(p["fps"]), area))
-            labels_per_ax.append(pts)
-            ax.set_xlabel("parameters (M)")
-            ax.set_ylabel(f"throughput, {mode} (img/s)")
-            ax.set_title({"train": "training step (forward + backward + update)",
-                          "eval": "inference (eval, no grad)"}[mode])
-            ax.margins(x=0.2, y=0.2)
-        handles = [Line2D([], [], linestyle="", marker="o", markersize=8, alpha=0.8,
-                          markerfacecolor=colours.get(m, (0.4, 0.4, 0.4)),
-                          markeredgecolor="0.2", markeredgewidth=0.6) for m in order]
-        axes[-1].legend(handles, order, title="method", loc="upper left",
-                        bbox_to_anchor=(1.02, 1.0), frameon=False)
-        caption = []
-        if has_size:
-            ticks = _size_ticks(float(known.min()), top)
-            sh = [Line2D([], [], linestyle="", marker="o", alpha=0.8,
-                         markersize=math.sqrt(max_area * v / top), markerfacecolor="0.35",
-                         markeredgecolor="0.2", markeredgewidth=0.6) for v, _ in ticks]
-            st = [t for _, t in ticks]
-            if any_unknown:
-                sh.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none",
-                                 markeredgecolor="0.35", markeredgewidth=1.6,
-                                 markersize=math.sqrt(unknown_area)))
-                st.append("unknown")
-            caption.append(f"marker area proportional to {flops_label} "
-                           "(same scale in every panel)")
+        sizes = _MarkerSizes(points["flops_G"])
+        labels_per_ax = [_scatter_panel(ax, points[points["mode"] == mode], mode, order,
+                                        colours, sizes) for ax, mode in zip(axes, modes)]
+        _method_legend(axes[-1], order, colours)
+        caption = [f"marker area proportional to {flops_label} (same scale in every panel)"
+                   ] if sizes.has_size else []
         _title(fig, title, subtitle)
         _footer(fig, caption + [f"not plotted, failed: {f}" for f in failed])
-        if has_size:
-            # size key right under the first panel's x label (an axes artist, so that the
-            # constrained layout makes room for it and puts the caption below it)
-            from matplotlib.legend import Legend
-            from matplotlib.transforms import ScaledTranslation
-            canvas.draw()
-            ax0 = axes[0]
-            r = canvas.get_renderer()
-            low = min(ax0.xaxis.label.get_window_extent(r).y0,
-                      ax0.xaxis.get_tightbbox(r).y0)
-            drop = (ax0.bbox.y0 - low) / fig.dpi + 0.05
-            key = Legend(ax0, sh, st, title=flops_label, loc="upper left",
-                         bbox_to_anchor=(0.0, 0.0), ncol=len(sh), frameon=False,
-                         bbox_transform=ax0.transAxes + ScaledTranslation(
-                             0, -drop, fig.dpi_scale_trans),
-                         handletextpad=0.5, columnspacing=1.8, handleheight=2.0,
-                         borderaxespad=0.0, alignment="left")
-            ax0.add_artist(key)
-            key.set_clip_on(False)
+        if sizes.has_size:
+            _size_key(fig, canvas, axes[0], sizes, flops_label)
         canvas.draw()                                   # lays the figure out
         renderer = canvas.get_renderer()
         for ax, pts in zip(axes, labels_per_ax):

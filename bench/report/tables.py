@@ -1,7 +1,7 @@
 """Tables of ``attnbench report``: tidy result rows in, Markdown / LaTeX tables out.
 
 Every table holds the figures of ONE group -- one run on one device (see
-:func:`attnbench.report.build.groups`) -- so figures from different devices or runs never share a
+:func:`attnbench.report.load.groups`) -- so figures from different devices or runs never share a
 table. Inside a group the tables are modelled on the TDAM paper:
 
 * cost table (Table 1): method, backbone, params (M), FLOPs (G; one column per counter,
@@ -431,8 +431,23 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
                device: str) -> Tuple[Table, Table]:
     """The Table 1 figures and their overhead relative to ``none``."""
     variants = idx.variants(backbone, ["params", "flops"] + list(TIMING_METRICS))
-    labels = idx.labels
     cols = _cost_columns(idx, backbone)
+    table = _figures_table(idx, notes, backbone, variants, cols, res, batch, device)
+    return table, _overhead_table(idx, notes, backbone, variants, cols, res, batch, device)
+
+
+def _batch_text(batch: Optional[int]) -> str:
+    return f", batch {batch}" if batch is not None else ""
+
+
+def _key_suffix(res: Optional[int], batch: Optional[int]) -> str:
+    return f"-r{res}" + (f"-b{batch}" if batch is not None else "")
+
+
+def _figures_table(idx: Index, notes: Notes, backbone: str, variants: List[Variant], cols,
+                   res: int, batch: Optional[int], device: str) -> Table:
+    """The cost figures (Table 1 layout), one row per variant."""
+    labels = idx.labels
     tn = notes.start_table()
     rows = []
     for v in variants:
@@ -449,53 +464,62 @@ def cost_table(idx: Index, notes: Notes, backbone: str, res: int, batch: Optiona
     headers = ["method", "backbone"] + [c[0] for c in cols]
     align = ["left", "left"] + ["right"] * len(cols)
     headers, align, rows = _drop_empty_columns(headers, align, rows, 2)
-    batch_text = f", batch {batch}" if batch is not None else ""
-    key = f"cost-{backbone}-r{res}" + (f"-b{batch}" if batch is not None else "")
     counters = idx.counters(backbone)
-    intro = [f"{backbone} at {res_text(res)}{batch_text} on `{device}`.",
+    intro = [f"{backbone} at {res_text(res)}{_batch_text(batch)} on `{device}`.",
              "FLOPs are multiply-adds (GMac) per image"
              + (f", {counters[0]} as the main column" if counters else "") + ";",
              "memory is the peak of one eval forward / one train step;",
              "FPS = batch / median latency;"
              " speed ratio = throughput relative to `none` timed in the same interleaved rounds.",
              f"{DASH} = failed (reason in the note), {MISSING} = not measured."]
-    table = Table(key, f"Cost of {backbone} at {res_text(res)}{batch_text}", headers, rows,
-                  align, intro, tn.items)
+    return Table(f"cost-{backbone}{_key_suffix(res, batch)}",
+                 f"Cost of {backbone} at {res_text(res)}{_batch_text(batch)}", headers, rows,
+                 align, intro, tn.items)
 
-    # overhead relative to the plain backbone ------------------------------------
+
+def _overhead_table(idx: Index, notes: Notes, backbone: str, variants: List[Variant], cols,
+                    res: int, batch: Optional[int], device: str) -> Table:
+    """Each figure relative to the plain backbone's, and the parameters added."""
+    labels = idx.labels
     ref_v = next((v for v in variants if v[0] == "none"), None)
-    tn2 = notes.start_table()
+    ref_label = labels.get(ref_v, "none") if ref_v else "none"
+    tn = notes.start_table()
     ocols = [c for c in cols if c[1] != "speed_ratio"]
-    orows = []
+    rows = []
     for v in variants:
         added = idx.get(backbone, v, "params_attention", resolution=res, any_resolution=True)
-        row = [Cell(labels[v]), Cell(backbone), value_cell(added, "count", labels[v], tn2)]
+        row = [Cell(labels[v]), Cell(backbone), value_cell(added, "count", labels[v], tn)]
         for header, metric, mode, counter, kind, scale in ocols:
             m = cost_measure(idx, backbone, v, metric, mode, counter, res, batch)
             if ref_v is None:
                 ref = Measure("missing")
             else:
                 ref = cost_measure(idx, backbone, ref_v, metric, mode, counter, res, batch)
-            row.append(overhead_cell(m, ref, v == ref_v, labels[v],
-                                     labels.get(ref_v, "none") if ref_v else "none", tn2))
-        orows.append(row)
-    oheaders = ["method", "backbone", "params added"] + [
+            row.append(overhead_cell(m, ref, v == ref_v, labels[v], ref_label, tn))
+        rows.append(row)
+    headers = ["method", "backbone", "params added"] + [
         c[0].split(" (")[0] + (" " + c[3] if c[3] else "") for c in ocols]
-    oalign = ["left", "left"] + ["right"] * (len(ocols) + 1)
-    oheaders, oalign, orows = _drop_empty_columns(oheaders, oalign, orows, 2)
-    ointro = [f"Change relative to the plain {backbone} (`none`) of the same run, device "
-              f"(`{device}`), resolution ({res_text(res)}) and batch"
-              f"{f' ({batch})' if batch is not None else ''}:",
-              "`+x.xx % (y.yyy×)` = (figure / plain − 1) in percent and figure / plain.",
-              "For FPS below 1.000× means slower.",
-              "`params added` = parameters the module adds to the plain backbone (count)."]
-    if ref_v is None:
-        ointro.append("No plain backbone (`none`) was measured in this group, "
-                      "so no overhead can be given.")
-    otable = Table(f"overhead-{backbone}-r{res}" + (f"-b{batch}" if batch is not None else ""),
-                   f"Overhead of {backbone} variants relative to `none` at "
-                   f"{res_text(res)}{batch_text}", oheaders, orows, oalign, ointro, tn2.items)
-    return table, otable
+    align = ["left", "left"] + ["right"] * (len(ocols) + 1)
+    headers, align, rows = _drop_empty_columns(headers, align, rows, 2)
+    return Table(f"overhead-{backbone}{_key_suffix(res, batch)}",
+                 f"Overhead of {backbone} variants relative to `none` at "
+                 f"{res_text(res)}{_batch_text(batch)}", headers, rows, align,
+                 _overhead_intro(backbone, res, batch, device, ref_v is not None), tn.items)
+
+
+def _overhead_intro(backbone: str, res: int, batch: Optional[int], device: str,
+                    has_ref: bool) -> List[str]:
+    """The sentences above an overhead table."""
+    intro = [f"Change relative to the plain {backbone} (`none`) of the same run, device "
+             f"(`{device}`), resolution ({res_text(res)}) and batch"
+             f"{f' ({batch})' if batch is not None else ''}:",
+             "`+x.xx % (y.yyy×)` = (figure / plain − 1) in percent and figure / plain.",
+             "For FPS below 1.000× means slower.",
+             "`params added` = parameters the module adds to the plain backbone (count)."]
+    if not has_ref:
+        intro.append("No plain backbone (`none`) was measured in this group, "
+                     "so no overhead can be given.")
+    return intro
 
 
 # --------------------------------------------------------------------------- cost vs resolution

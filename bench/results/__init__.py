@@ -1,8 +1,13 @@
-"""The results store (``results/<run_id>/rows.jsonl`` + ``env.json``) and its rows."""
+"""The results store (``results/<run_id>/rows.jsonl`` + ``env.json``), its rows and the
+cells they measure."""
+from attnbench.results.cell import (MEASURE_KEYS, METRICS, MODES, STATIC_METRICS,  # noqa: F401
+                                    Cell, canonical_options, cell_id)
 from attnbench.results.rows import (RESOLUTION_SWEEP, base_row, canonical_json,  # noqa: F401
                                     error_text, failed_rows, is_oom, ok_row, short_hash)
 from attnbench.results.store import *  # noqa: F401,F403
 from attnbench.results.store import __all__ as _store_all
 
 __all__ = list(_store_all) + ["RESOLUTION_SWEEP", "base_row", "canonical_json", "error_text",
-                              "failed_rows", "is_oom", "ok_row", "short_hash"]
+                              "failed_rows", "is_oom", "ok_row", "short_hash",
+                              "Cell", "cell_id", "canonical_options", "MEASURE_KEYS",
+                              "METRICS", "MODES", "STATIC_METRICS"]

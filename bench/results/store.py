@@ -39,6 +39,7 @@ __all__ = [
     "run_dirs",
     "load_all",
     "finished_cells",
+    "cell_states",
     "new_run_id",
 ]
 
@@ -271,14 +272,11 @@ def load_all(results_dir: PathLike = "results") -> Tuple[Any, Dict[str, Dict[str
     return _frame(rows), envs
 
 
-def finished_cells(run_dir: PathLike, include_failed: bool = True) -> Dict[str, str]:
-    """``{cell id: "ok" | "failed"}`` of the cells with rows in ``run_dir`` (a cell with
-    any failed row counts as failed). ``include_failed=False`` leaves failed cells out."""
-    path = Path(run_dir) / ROWS_FILE
-    if not path.exists():
-        return {}
+def cell_states(rows: Iterable[Mapping[str, Any]]) -> Dict[str, str]:
+    """``{cell id: "ok" | "failed"}`` of the cells of ``rows`` (a cell with any failed
+    row counts as failed; rows without a cell id are left out)."""
     out: Dict[str, str] = {}
-    for row in load_rows(path):
+    for row in rows:
         cell = row.get("cell")
         if cell is None:
             continue
@@ -286,6 +284,16 @@ def finished_cells(run_dir: PathLike, include_failed: bool = True) -> Dict[str, 
             out[cell] = "failed"
         else:
             out.setdefault(cell, "ok")
+    return out
+
+
+def finished_cells(run_dir: PathLike, include_failed: bool = True) -> Dict[str, str]:
+    """``{cell id: "ok" | "failed"}`` of the cells with rows in ``run_dir`` (a cell with
+    any failed row counts as failed). ``include_failed=False`` leaves failed cells out."""
+    path = Path(run_dir) / ROWS_FILE
+    if not path.exists():
+        return {}
+    out = cell_states(load_rows(path))
     if not include_failed:
         out = {c: s for c, s in out.items() if s == "ok"}
     return out

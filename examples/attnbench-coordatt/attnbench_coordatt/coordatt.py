@@ -8,7 +8,7 @@ conv biases follow the authors' code (github.com/houqb/CoordAttention).
 import torch
 from torch import nn
 
-from attnbench.modules.registry import OptionError, register
+from attnbench import OptionError, register
 
 
 @register("coordatt", "gate", defaults={"reduction": 32, "min_channels": 8},

@@ -1,0 +1,73 @@
+"""``attnbench robustness``: accuracy of trained checkpoints across test resolutions
+(:mod:`attnbench.accuracy.robustness`)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from attnbench.accuracy.robustness import RobustnessError, accuracy_tables, \
+    evaluate_checkpoints, parse_resolutions
+from attnbench.results import load_rows
+
+
+def register_cli(sub, parent) -> None:
+    p = sub.add_parser(
+        "robustness", parents=[parent],
+        help="accuracy of trained checkpoints across test resolutions (TDAM Table 2 / Fig. 3)",
+        description="Evaluate checkpoints (from `attnbench train`) on an ImageFolder "
+                    "validation set at several test resolutions with the single-crop "
+                    "protocol (resize shorter side to int(res/crop_pct), centre crop res); "
+                    "top-1/top-5 rows go to the results store for `attnbench report`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder root with val/ (or the validation ImageFolder itself)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resolutions", default="168:448:28",
+                   help="START:STOP:STEP (stop included) or a comma list")
+    g.add_argument("--scale-from", default=None, metavar="TRAIN_RES|auto",
+                   help="the relative sweep 0.75x..2x of TRAIN_RES in steps of TRAIN_RES/8, "
+                        "rounded to multiples of 4 ('auto': each checkpoint's own training "
+                        "resolution)")
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--results", default="results", help="results store folder")
+    p.add_argument("--run-id", default=None,
+                   help="run folder name (default <UTC time>-robustness); an existing run "
+                        "is resumed (finished cells are skipped)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _scale_from(text):
+    """``--scale-from``: None, ``"auto"`` or a training resolution (int)."""
+    if text in (None, "auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise RobustnessError(f"--scale-from {text!r}: expected a training "
+                              f"resolution (e.g. 224) or 'auto'") from None
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise RobustnessError("--device cuda: no CUDA device is available here")
+    resolutions = None if args.scale_from else parse_resolutions(args.resolutions)
+    rows, run_dir = evaluate_checkpoints(
+        args.checkpoints, args.data, resolutions=resolutions,
+        scale_from=_scale_from(args.scale_from), crop_pct=args.crop_pct,
+        batch_size=args.batch_size, device=args.device, amp=args.amp, workers=args.workers,
+        results=args.results, run_id=args.run_id, progress=not args.no_progress)
+    all_rows = load_rows(run_dir / "rows.jsonl")
+    print(accuracy_tables(all_rows, "top1"))
+    print(f"\nrows: {run_dir / 'rows.jsonl'} ({len(all_rows)} rows)")
+    failed = sum(r["status"] == "failed" for r in rows)
+    return 1 if failed else 0

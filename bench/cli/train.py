@@ -1,0 +1,98 @@
+"""``attnbench train``: train a backbone with one registered attention module
+(:mod:`attnbench.accuracy.train`)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from attnbench.accuracy.train import TrainConfig, TrainError, config_fields, resume_settings, \
+    train
+from attnbench.cli.args import parse_options, parse_value
+
+
+def register_cli(sub, parent) -> None:
+    p = sub.add_parser(
+        "train", parents=[parent], help="train a backbone + attention module on an ImageFolder",
+        description="Train a torchvision ResNet with one registered attention module on an "
+                    "ImageFolder dataset (DIR/train/<class>, DIR/val/<class>): "
+                    "RandomResizedCrop+flip, SGD with momentum, linear warm-up + cosine LR, "
+                    "label smoothing, AMP on CUDA. Writes a checkpoint every epoch; "
+                    "--resume CKPT continues it (settings not given on the command line "
+                    "are taken from the checkpoint).")
+    d = TrainConfig()
+    S = argparse.SUPPRESS
+
+    def add(flag, help_, default=None, **kw):
+        text = help_ + (f" (default: {default})" if default is not None else "")
+        p.add_argument(flag, default=S, help=text, **kw)
+
+    add("--data", "ImageFolder root with train/ and val/ (required unless --resume)")
+    add("--backbone", "torchvision ResNet", d.backbone)
+    add("--module", "registered module name, or none", d.module)
+    p.add_argument("--option", action="append", default=S, metavar="KEY=VALUE",
+                   help="module option (repeatable); values parsed as JSON, else strings "
+                        "(e.g. --option variant=joint --option steps=2)")
+    add("--stages", "stage selection as JSON (e.g. '[3,4]'), 'all' or a preset name",
+        "the module's default stages")
+    add("--resolution", "training resolution", d.resolution, type=int)
+    add("--crop-pct", "validation: resize to int(res/crop_pct), centre-crop res", d.crop_pct,
+        type=float)
+    add("--rrc-scale", "RandomResizedCrop area scale range LO,HI", "0.08,1.0")
+    add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=int)
+    add("--batch-size", "batch size", d.batch_size, type=int)
+    add("--lr", "peak learning rate (after warm-up)", "0.1 * batch-size / 256", type=float)
+    add("--momentum", "SGD momentum", d.momentum, type=float)
+    add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=float)
+    add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=float)
+    add("--label-smoothing", "CrossEntropyLoss label smoothing", d.label_smoothing,
+        type=float)
+    add("--out", "checkpoint path, rewritten every epoch", f"{d.out}, or --resume's path")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue training from this checkpoint (same model and data)")
+    add("--device", "cpu, cuda or cuda:N", d.device)
+    p.add_argument("--amp", action="store_true", default=S,
+                   help="float16 autocast + GradScaler (CUDA only; ignored on the CPU)")
+    add("--workers", "DataLoader workers", d.workers, type=int)
+    add("--seed", "seed", d.seed, type=int)
+    add("--limit-batches", "at most this many batches per epoch (smoke tests)", type=int)
+    add("--eval-every", "validate every N epochs (and after the last)", d.eval_every, type=int)
+    add("--threads", "torch CPU threads (1 is much faster on an oversubscribed machine)",
+        "torch's choice", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args) -> TrainConfig:
+    """Command-line values, else (with ``--resume``) the checkpoint's, else defaults."""
+    given = dict(vars(args))
+    names = set(config_fields())
+    kw: Dict[str, Any] = resume_settings(given["resume"]) if given.get("resume") else {}
+    if "stages" in given:
+        given["stages"] = parse_value(given["stages"])
+    if "rrc_scale" in given:
+        given["rrc_scale"] = _rrc_scale(given["rrc_scale"])
+    if "option" in given:
+        given["options"] = parse_options(given["option"])
+    kw.update({k: v for k, v in given.items() if k in names and k != "resume"})
+    kw["resume"] = given.get("resume")
+    if not kw.get("data"):
+        raise TrainError("train: --data DIR is required (unless --resume names a checkpoint)")
+    return TrainConfig(**kw)
+
+
+def _rrc_scale(text: Any) -> list:
+    """``--rrc-scale LO,HI`` -> ``[lo, hi]``."""
+    try:
+        lo, hi = (float(x) for x in str(text).split(","))
+    except ValueError:
+        raise TrainError(f"--rrc-scale {text!r}: expected LO,HI (e.g. 0.08,1.0)") from None
+    return [lo, hi]
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    ckpt = train(cfg, progress=not args.no_progress)
+    last = ckpt["history"][-1] if ckpt.get("history") else {}
+    print(f"wrote {cfg.out} ({ckpt['label']}, epoch {ckpt['epoch']}"
+          + (f", val top1 {last['val_top1']:.1f}%" if "val_top1" in last else "") + ")")
+    return 0
