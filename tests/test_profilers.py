@@ -256,13 +256,71 @@ def test_interleaved_ratio_of_a_model_against_itself():
     res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=2, resolution=32,
                                  warmup=1, rounds=6, threads=1)
     assert res.baseline == "none"
-    assert [o[0] for o in res.orders] == ["none", "copy"] * 3       # rotated
+    assert len(res.orders) == 6 and all(sorted(o) == ["copy", "none"] for o in res.orders)
+    assert len({tuple(o) for o in res.orders}) == 2                  # seeded random order
+    assert res.orders == speed.time_interleaved(
+        {"none": a, "copy": b}, "eval", batch=2, resolution=32, warmup=0, rounds=6,
+        threads=1).orders                                             # same seed, same order
     assert res.ratios["none"].per_round == [1.0] * 6
+    assert res.stop == "fixed rounds" and res.load[0] >= 0
     r = res.ratios["copy"]
     assert len(r.per_round) == 6 and r.p25 <= r.median <= r.p75
     assert 0.33 < r.median < 3.0                                      # loose: shared CPU
     for st in res.stats.values():
         assert st.repeats == 6 and st.p25_ms <= st.median_ms <= st.p75_ms
+
+
+class _Boom(nn.Module):
+    """Fails like an out-of-memory model on its ``fail_at``-th call."""
+
+    def __init__(self, fail_at=1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.8 GiB")
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("fail_at", [1, 4])  # in warm-up, or after some timed rounds
+def test_interleaved_isolates_a_failing_model(fail_at):
+    models = {"none": _tiny(), "boom": _Boom(fail_at), "se": _tiny("se")}
+    res = speed.time_interleaved(models, "eval", batch=1, resolution=32, warmup=1, rounds=5,
+                                 threads=1)
+    assert set(res.errors) == {"boom"} and isinstance(res.errors["boom"], torch.OutOfMemoryError)
+    assert set(res.stats) == {"none", "se"}
+    assert res.stats["se"].repeats == res.stats["none"].repeats >= 5
+    assert len(res.ratios["se"].per_round) == res.stats["se"].repeats
+
+
+def test_interleaved_adaptive_rounds_stop_at_the_target_or_the_cap():
+    a, b = _tiny(), _tiny()
+    b.load_state_dict(a.state_dict())
+    res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=1, resolution=32,
+                                 warmup=1, rounds=6, threads=1, ci_target=1e-9, max_rounds=9)
+    assert res.stop == "max rounds" and len(res.orders) == 9
+    res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=1, resolution=32,
+                                 warmup=1, rounds=6, threads=1, ci_target=0.9, max_rounds=50)
+    assert res.stop == "target reached" and len(res.orders) == 6
+    assert res.ratios["copy"].interval.half_width <= 0.9
+    res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=1, resolution=32,
+                                 warmup=0, rounds=6, threads=1, ci_target=1e-9, budget_s=0.0)
+    assert res.stop == "time budget" and len(res.orders) == 6
+
+
+def test_rounds_plan_stops_for_each_reason():
+    plan = speed.Rounds(min_rounds=6, ci_target=0.01, max_rounds=20, budget_s=100)
+    flat = {"none": [10.0] * 6, "m": [12.0] * 6}
+    assert plan.stop({"none": [10.0] * 5, "m": [12.0] * 5}, "none", 0) is None
+    assert plan.stop(flat, "none", 0) == "target reached"           # zero-width interval
+    noisy = {"none": [10.0] * 6, "m": [10.0, 14.0, 9.0, 13.0, 8.0, 12.0]}
+    assert plan.stop(noisy, "none", 0) is None
+    assert plan.stop(noisy, "none", 100) == "time budget"
+    many = {k: v * 4 for k, v in noisy.items()}
+    assert plan.stop(many, "none", 0) == "max rounds"
 
 
 def test_interleaved_finds_plain_backbone_by_label():
@@ -362,20 +420,23 @@ def test_measure_cell_mode_none_measures_both_and_failures_are_rows():
 
 
 def test_measure_group_speed_ratio_rows():
-    cells = [_cell(module="none", options={}, metrics=["latency"]),
-             _cell(metrics=["latency"])]
+    cells = [_cell(module="none", options={}, metrics=["latency"], repeats=6),
+             _cell(metrics=["latency"], repeats=6)]
     rows = measure.measure_group(cells)
     by = {(r["module"], r["metric"]): r for r in rows}
     for module in ("none", "se"):
-        for metric in ("latency", "latency_p25", "latency_p75", "throughput", "speed_ratio",
-                       "latency_ratio_p25", "latency_ratio_p75"):
+        for metric in ("latency", "latency_p25", "latency_p75", "throughput", "speed_ratio"):
             r = by[(module, metric)]
             assert r["status"] == "ok" and all(c in r for c in SCHEMA_COLUMNS)
     assert by[("none", "speed_ratio")]["value"] == 1.0
     se = by[("se", "speed_ratio")]
-    assert by[("se", "latency_ratio_p25")]["value"] <= se["value"] <= \
-        by[("se", "latency_ratio_p75")]["value"]
-    assert by[("se", "speed_ratio")]["unit"] == "x"
+    assert se["ratio_lo"] <= se["value"] <= se["ratio_hi"] and se["unit"] == "x"
+    assert se["ratio_ci"] == pytest.approx((se["ratio_hi"] - se["ratio_lo"]) / 2 / se["value"])
+    # the A/A control: a second plain backbone in the same rounds, carried by every row
+    assert se["control_lo"] <= se["control_ratio"] <= se["control_hi"]
+    assert isinstance(se["distinct"], bool) and "paired per-round ratio" in se["method"]
+    assert by[("none", "speed_ratio")]["control_ratio"] == se["control_ratio"]
+    assert {r["module"] for r in rows} == {"none", "se"}  # the control has no rows of its own
     # without a plain cell the backbone is still timed, but returns no rows
     only = measure.measure_group([_cell(metrics=["latency"], repeats=1)])
     assert {r["module"] for r in only} == {"se"}
@@ -457,7 +518,8 @@ def test_profile_formats_what_the_measurement_returns(capsys, monkeypatch):
                                       ("cell", ("memory",), "eval")]
     assert calls[1][3] == {"flop_rules": False, "strict": True}
     for words in ("resnet18 + SE", "FLOPs fvcore", "fvcore, batch 1, 32px", "latency eval",
-                  "throughput eval", "speed ratio eval", "interleaved: 2 rounds x 2 models",
+                  "throughput eval", "speed ratio eval", "interleaved: 2 rounds x 3 models",
+                  "A/A control",
                   "peak memory eval", "cpu.profiler-peak"):
         assert words in out, words
     assert "train" not in out

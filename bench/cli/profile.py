@@ -7,7 +7,8 @@ import argparse
 import platform
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from attnbench.cli.args import parse_options, parse_stages, parse_value  # noqa: F401
+from attnbench.cli.args import NONNEG_INT, POSITIVE_INT, check_device, number_type, \
+    parse_options, parse_stages, parse_value  # noqa: F401
 from attnbench.modules.registry import OptionError
 from attnbench.results import Cell
 
@@ -61,8 +62,10 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--stages", default=None,
                    help="stage selection: 'all', a preset name (e.g. 'paper'), or JSON "
                         "such as '[3,4]' or '{\"3\": [0,1,2,3,4], \"4\": \"all\"}'")
-    p.add_argument("--resolution", type=int, default=224, help="input side in pixels")
-    p.add_argument("--batch", type=int, default=8, help="batch size for speed and memory")
+    p.add_argument("--resolution", type=number_type(int, 8), default=224,
+                   help="input side in pixels (>= 8)")
+    p.add_argument("--batch", type=POSITIVE_INT, default=8,
+                   help="batch size for speed and memory")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:0, ...)")
     p.add_argument("--mode", choices=["eval", "train", "both"], default="both",
                    help="which step speed and memory are measured for")
@@ -72,12 +75,12 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--alone", action="store_true",
                    help="time the model alone instead of in interleaved rounds with the "
                         "plain backbone (no speed ratio)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (rounds)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed runs (rounds)")
+    p.add_argument("--warmup", type=NONNEG_INT, default=2, help="untimed warm-up runs")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (CPU)")
     p.add_argument("--amp", action="store_true", help="autocast (float16 CUDA, bfloat16 CPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=1000, help="classifier outputs")
     p.add_argument("--stock-flops", action="store_true",
                    help="FLOPs with the counters' stock rules only (REFERENCE.md's fvcore "
                         "convention) instead of attnbench's added rules")
@@ -112,6 +115,7 @@ def _profile_cell(args) -> Cell:
     """The :class:`attnbench.results.Cell` the flags describe (metrics: params)."""
     options = parse_options(args.option)
     stages = parse_stages(args.stages)
+    check_device(args.device)
     for name, value in (("--resolution", args.resolution), ("--batch", args.batch),
                         ("--repeats", args.repeats)):
         if value < 1:
@@ -214,13 +218,25 @@ def _speed_lines(rows: Rows, device: str) -> List[Line]:
                       f"median [p25 {_fmt(r['latency_p25']['value'], '.2f')}, p75 "
                       f"{_fmt(r['latency_p75']['value'], '.2f')}]; {lat['method']}"])
         lines.append([f"throughput {mode}", _fmt(r["throughput"]["value"], ".1f"),
-                      f"img/s {unit_dev}", "", "batch / median latency"])
+                      f"img/s {unit_dev}", "", "absolute: batch / median latency"])
         ratio = r.get("speed_ratio")
-        if ratio is not None:
-            lines.append([f"speed ratio {mode}", _fmt(ratio["value"], ".3f"), "x vs plain", "",
-                          f"median over rounds [p25 {_fmt(ratio['ratio_p25'], '.3f')}, "
-                          f"p75 {_fmt(ratio['ratio_p75'], '.3f')}]"])
+        if ratio is not None and ratio.get("value") is not None:
+            lines.append(_ratio_line(mode, ratio))
     return lines
+
+
+def _ratio_line(mode: str, ratio: Mapping[str, Any]) -> Line:
+    """The paired speed ratio with its 95 % interval and the A/A control's."""
+    ctrl = ""
+    if ratio.get("control_ratio") is not None:
+        ctrl = (f"; A/A control {_fmt(ratio['control_ratio'], '.3f')} "
+                f"[{_fmt(ratio.get('control_lo'), '.3f')}, {_fmt(ratio.get('control_hi'), '.3f')}]")
+        if ratio.get("distinct") is False:
+            ctrl += "; indistinguishable from the plain backbone"
+    return [f"speed ratio {mode}", _fmt(ratio["value"], ".3f"), "x vs plain", "",
+            f"paired, median of {ratio.get('rounds')} rounds, 95 % CI "
+            f"[{_fmt(ratio.get('ratio_lo'), '.3f')}, {_fmt(ratio.get('ratio_hi'), '.3f')}], "
+            f"stopped by {ratio.get('stop')}{ctrl}"]
 
 
 def _memory_lines(rows: Rows, device: str) -> List[Line]:

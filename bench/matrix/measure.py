@@ -17,8 +17,11 @@ Rows per metric:
   ``uncounted`` lists ops left at zero) and ``flops_disagreement`` (%; ``DISAGREE`` in
   ``method`` over 2 %), mode ``null``.
 * ``latency`` (timed alone): ``latency``, ``latency_p25``, ``latency_p75`` (ms per
-  batch), ``throughput`` (img/s); in :func:`measure_group` also ``speed_ratio`` (x)
-  and its spread over rounds ``latency_ratio_p25`` / ``latency_ratio_p75``.
+  batch), ``throughput`` (img/s); in :func:`measure_group` also ``speed_ratio`` (x):
+  the median of the paired per-round ratios plain / module with its 95 % interval
+  (``ratio_lo``, ``ratio_hi``, ``ratio_ci`` = relative half-width), the rounds' stop
+  reason and load average, and the A/A control's ratio and interval (``control_*``;
+  ``distinct``: whether the module clears the control's noise floor).
 * ``memory``: ``peak_memory`` (MiB).
 
 Latency and memory are measured in the cell's mode, or in both modes when it is
@@ -30,6 +33,8 @@ go on (with ``strict=True`` the error is raised instead). Extra columns: ``threa
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,6 +43,7 @@ from attnbench.profilers import flops as _flops
 from attnbench.profilers import memory as _memory
 from attnbench.profilers import params as _params
 from attnbench.profilers import speed as _speed
+from attnbench.profilers import stats as _stats
 from attnbench.results import STATIC_METRICS, Cell, canonical_json, error_text, failed_rows, ok_row
 
 CellLike = Union[Cell, Mapping[str, Any]]
@@ -52,7 +58,9 @@ ROW_METRICS = {
                 ("throughput", "img/s")],
     "memory": [("peak_memory", "MiB")],
 }
-RATIO_METRICS = [("speed_ratio", "x"), ("latency_ratio_p25", "x"), ("latency_ratio_p75", "x")]
+RATIO_METRICS = [("speed_ratio", "x")]
+#: label of the A/A control in a group: a second plain backbone, built independently
+CONTROL = "control"
 #: the ``method`` of the failed rows of a FLOP count
 FLOPS_METHODS = ["fvcore", "ptflops-pytorch", ""]
 #: the settings the cells of an interleaved group share
@@ -197,14 +205,17 @@ def measure_group(cells: Sequence[CellLike], *, strict: bool = False) -> Rows:
 
 
 def _group_mode(cs: List[Cell], mode: str, strict: bool) -> Rows:
-    """The rows of a group in one mode (a failed build or timing gives failed rows)."""
+    """The rows of a group in one mode. A model that fails to build or to run fails
+    only its own rows; the A/A control (a second plain backbone) is timed with them."""
     pairs = ROW_METRICS["latency"] + RATIO_METRICS
     models, bases, rows, baseline = _build_group(cs, mode, pairs, strict)
     if not models:
         return rows
+    plain = cs[0].replace(module="none", options={}, stages=None)
     if baseline is None:
-        models["plain"] = build(cs[0].replace(module="none", options={}, stages=None))
+        models["plain"] = build(plain)
         baseline = "plain"
+    models[CONTROL] = build(plain)
     try:
         result = _time_group(cs[0], models, mode, baseline)
     except Exception as err:  # noqa: BLE001 - the whole group failed
@@ -213,10 +224,31 @@ def _group_mode(cs: List[Cell], mode: str, strict: bool) -> Rows:
         for base in bases.values():
             rows.extend(failed_rows(base, pairs, error_text(err)))
         return rows
+    if strict and result.errors:
+        raise next(iter(result.errors.values()))
     ref = bases.get(baseline, {}).get("label") or "none"
+    control = _control_extra(result)
     for key, base in bases.items():
-        rows.extend(_group_rows(cs[0], base, result, key, ref))
+        if key in result.errors:
+            rows.extend(failed_rows(base, pairs, error_text(result.errors[key])))
+        elif key not in result.stats:
+            rows.extend(failed_rows(base, pairs, f"not timed: {result.stop}"))
+        else:
+            rows.extend(_group_rows(cs[0], base, result, key, ref, control))
     return rows
+
+
+def _control_extra(result: _speed.InterleavedResult) -> Dict[str, Any]:
+    """The A/A control's ratio and interval, carried by every row of the group."""
+    ratio = result.ratios.get(CONTROL)
+    if ratio is None:
+        return {"control_ratio": None, "control_lo": None, "control_hi": None}
+    iv = ratio.interval
+    return {"control_ratio": iv.median, "control_lo": _finite(iv.lo), "control_hi": _finite(iv.hi)}
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None
 
 
 def _build_group(cs: List[Cell], mode: str, pairs, strict: bool
@@ -249,24 +281,32 @@ def _time_group(first: Cell, models: Dict[str, Any], mode: str, baseline: str):
         models, mode, first.batch, first.resolution, first.device,
         warmup=int(first.warmup or 0), rounds=int(first.repeats or 1),
         min_run_time=float(first.min_run_time or 0.0), amp=bool(first.amp),
-        channels_last=bool(first.channels_last), baseline=baseline, seed=SEED)
+        channels_last=bool(first.channels_last), baseline=baseline, seed=SEED,
+        ci_target=first.ci_target, max_rounds=first.max_rounds, budget_s=first.budget_s)
 
 
 def _group_rows(first: Cell, base, result: _speed.InterleavedResult, key: str,
-                ref: str) -> Rows:
+                ref: str, control: Dict[str, Any]) -> Rows:
     """Latency and speed-ratio rows of model ``key`` of a timed group (``ref``: the
-    label of the plain backbone it is compared with)."""
+    label of the plain backbone it is compared with; ``control``: the A/A figures)."""
     stats = result.stats[key]
     extra = _timing_extra(first, stats)
     extra["rounds"] = len(result.orders)
     rows = _latency_rows(base, stats, result.method, extra)
     ratio = result.ratios[key]
-    rmethod = (f"per round {ref} latency / {base['label']} latency (throughput ratio), "
-               f"{len(ratio.per_round)} interleaved rounds")
-    rows.append(ok_row(base, "speed_ratio", ratio.median, "x", rmethod + ", median",
-                       ratio_p25=ratio.p25, ratio_p75=ratio.p75, **extra))
-    rows.append(ok_row(base, "latency_ratio_p25", ratio.p25, "x", rmethod + ", 25th pct",
-                       **extra))
-    rows.append(ok_row(base, "latency_ratio_p75", ratio.p75, "x", rmethod + ", 75th pct",
-                       **extra))
+    if ratio is None:  # the baseline itself failed: no ratio
+        return rows + failed_rows(base, RATIO_METRICS, "the plain backbone failed", **extra)
+    iv = ratio.interval
+    rmethod = (f"paired per-round ratio {ref} latency / {base['label']} latency, median "
+               f"of {iv.n} interleaved rounds with its 95 % order-statistic interval")
+    lo, hi = _finite(iv.lo), _finite(iv.hi)
+    distinct = None
+    if control["control_ratio"] is not None and key != result.baseline:
+        ctrl = result.ratios[CONTROL].interval
+        distinct = _stats.distinguishable(iv, ctrl)
+    rows.append(ok_row(base, "speed_ratio", iv.median, "x", rmethod, ratio_lo=lo,
+                       ratio_hi=hi, ratio_ci=_finite(iv.half_width), stop=result.stop,
+                       ci_target=result.ci_target, load_start=_finite(result.load[0]),
+                       load_end=_finite(result.load[1]), group_wall_s=round(result.wall_s, 3),
+                       distinct=distinct, **control, **extra))
     return rows

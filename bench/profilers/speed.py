@@ -15,9 +15,17 @@ Every run's time is kept; the summary is the median with the 25th/75th percentil
 
 On a shared machine a model timed alone drifts by +-15 % from minute to minute
 (DESIGN.md). :func:`time_interleaved` times the models of one comparison in rounds --
-each round times every model once, the order rotated by one each round -- and
-reports each model's throughput ratio to the plain backbone from the same rounds
-(median and quartiles over rounds), which cancels most of that drift.
+each round times every model once, in a seeded random order
+(:func:`attnbench.profilers.stats.round_order`) so that no model always follows the
+same neighbour -- and gives each model's speed ratio to the plain backbone as the
+paired per-round ratio (baseline time / model time in the same round), summarised by
+its median and a 95 % order-statistic interval (:mod:`attnbench.profilers.stats`).
+With ``ci_target`` it keeps adding rounds until every ratio's interval is narrower
+than +-``ci_target`` (relative), or ``max_rounds`` / ``budget_s`` run out; the
+result says which stopped it, and the machine's load average at start and end.
+
+A model whose step raises (an exception, out of memory) is dropped from the group with
+its error in ``errors``; the others go on.
 
 Models are moved to the device (and to channels_last when asked) in place; a
 training step changes their weights.
@@ -27,12 +35,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from attnbench.profilers.stats import Interval, median_interval, paired_ratios, round_order
 
 MODES = ("eval", "train")
 MAX_REPEATS = 1000
@@ -96,9 +108,14 @@ class SpeedStats:
 
 @dataclass
 class RatioStats:
-    """Throughput ratio to the baseline (baseline latency / model latency) per round."""
+    """Paired per-round ratios baseline latency / model latency (the throughput ratio)."""
 
     per_round: List[float]
+
+    @property
+    def interval(self) -> Interval:
+        """Median and 95 % order-statistic interval over rounds (the suite's definition)."""
+        return median_interval(self.per_round)
 
     @property
     def median(self) -> float:
@@ -119,12 +136,19 @@ class InterleavedResult:
     ratios: Dict[str, Optional[RatioStats]]     # None when there is no baseline
     baseline: Optional[str]
     orders: List[List[str]] = field(default_factory=list)
+    stop: str = "fixed rounds"                  # what ended the rounds
+    ci_target: Optional[float] = None
+    load: tuple = (math.nan, math.nan)          # 1-minute load average at start, end
+    wall_s: float = 0.0
+    errors: Dict[str, BaseException] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
         any_stats = next(iter(self.stats.values()))
-        return (f"interleaved: {len(self.orders)} rounds x {len(self.stats)} models, order "
-                f"rotated each round; {any_stats.method.split(', median of')[0]}")
+        target = f", target +-{100 * self.ci_target:g} %" if self.ci_target else ""
+        return (f"interleaved: {len(self.orders)} rounds x {len(self.stats)} models, seeded "
+                f"random order each round, stopped by {self.stop}{target}; "
+                f"{any_stats.method.split(', median of')[0]}")
 
 
 # --------------------------------------------------------------------------- steps
@@ -317,59 +341,137 @@ def find_baseline(models: Dict[str, nn.Module]) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """When interleaved timing stops: after at least ``min_rounds`` rounds, once every
+    ratio's interval is within +-``ci_target`` (None: once every model has run for
+    ``min_run_time`` s), or at ``max_rounds`` / after ``budget_s`` seconds."""
+
+    min_rounds: int = 10
+    ci_target: Optional[float] = None
+    max_rounds: int = MAX_REPEATS
+    budget_s: Optional[float] = None
+    min_run_time: float = 0.0
+
+    def stop(self, times: Dict[str, List[float]], baseline: Optional[str],
+             elapsed: float) -> Optional[str]:
+        """The reason to stop now, or None to time another round."""
+        n = min((len(v) for v in times.values()), default=0)
+        if n < max(1, self.min_rounds):
+            return None
+        if self.ci_target is None:
+            if all(_enough(v, self.min_rounds, self.min_run_time) for v in times.values()):
+                return "fixed rounds"
+        elif baseline is None or _widest(times, baseline) <= self.ci_target:
+            return "target reached"
+        if n >= self.max_rounds:
+            return "max rounds"
+        if self.budget_s is not None and elapsed >= self.budget_s:
+            return "time budget"
+        return None
+
+
+def _widest(times: Dict[str, List[float]], baseline: str) -> float:
+    """The largest relative half-width of the ratio intervals of the non-baseline models."""
+    widths = [median_interval(paired_ratios(times[baseline], v)).half_width
+              for k, v in times.items() if k != baseline]
+    return max(widths, default=0.0)
+
+
+def _load() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):  # pragma: no cover - not on every platform
+        return math.nan
+
+
 def time_interleaved(models: Dict[str, nn.Module], mode: str = "eval", batch: int = 8,
                      resolution: int = 224, device: str = "cpu", warmup: int = 2,
                      rounds: int = 10, min_run_time: float = 0.0, amp: bool = False,
                      channels_last: bool = False, threads: Optional[int] = None,
-                     baseline: Optional[str] = None, seed: int = 0) -> InterleavedResult:
-    """Time ``models`` (label -> model) in interleaved rounds.
+                     baseline: Optional[str] = None, seed: int = 0,
+                     ci_target: Optional[float] = None, max_rounds: Optional[int] = None,
+                     budget_s: Optional[float] = None) -> InterleavedResult:
+    """Time ``models`` (label -> model) in interleaved rounds (see the module docstring).
 
-    Warm-up: ``warmup`` rounds. Then at least ``rounds`` rounds (more until every model's
-    timed total reaches ``min_run_time`` s); round ``r`` times every model once in the
-    order of the labels rotated by ``r``. Ratio per round = baseline latency / model
-    latency (the throughput ratio); ``baseline`` defaults to :func:`find_baseline`.
-    All models get the same inputs (``seed``).
+    ``warmup`` untimed rounds, then rounds in a seeded random order until :class:`Rounds`
+    says stop (``rounds`` is the minimum). Ratio per round = baseline latency / model
+    latency; ``baseline`` defaults to :func:`find_baseline`. All models get the same
+    inputs (``seed``). Models that fail are dropped and listed in ``errors``.
     """
     if not models:
         raise ValueError("time_interleaved: no models given")
-    labels = list(models)
     if baseline is None:
         baseline = find_baseline(models)
     elif baseline not in models:
-        raise ValueError(f"time_interleaved: baseline {baseline!r} is not one of {labels}")
+        raise ValueError(f"time_interleaved: baseline {baseline!r} is not one of {list(models)}")
+    plan = Rounds(int(rounds), ci_target, int(max_rounds or MAX_REPEATS), budget_s,
+                  float(min_run_time or 0.0))
+    load0, t0 = _load(), time.perf_counter()
     with num_threads(threads):
-        steps = {k: Step(models[k], mode, batch, resolution, device, amp, channels_last, seed)
-                 for k in labels}
-        dev = next(iter(steps.values())).device
-        timers = {k: _RunTimer(steps[k], dev) for k in labels}
-        for r in range(max(0, int(warmup))):
-            for k in _rotate(labels, r):
-                steps[k]()
+        errors: Dict[str, BaseException] = {}
+        steps = _make_steps(models, errors, mode, batch, resolution, device, amp,
+                            channels_last, seed)
+        dev = torch.device(device)
+        timers = {k: _RunTimer(s, dev) for k, s in steps.items()}
+        _warm_up(steps, errors, warmup, seed)
         _sync(dev)
-        times: Dict[str, List[float]] = {k: [] for k in labels}
-        orders: List[List[str]] = []
-        r = 0
-        while not all(_enough(times[k], rounds, min_run_time) for k in labels):
-            order = _rotate(labels, r)
-            orders.append(order)
-            for k in order:
-                times[k].append(timers[k]())
-            r += 1
+        times, orders, stop = _timed_rounds(timers, errors, plan, baseline, seed, t0)
         used = torch.get_num_threads()
-    name = next(iter(timers.values())).name
+    name = next(iter(timers.values())).name if timers else "none"
     stats = {k: SpeedStats(mode=mode, device=str(dev), batch=batch, resolution=resolution,
-                           times_ms=times[k], warmup=int(warmup), timer=name,
+                           times_ms=v, warmup=int(warmup), timer=name,
                            threads=used if dev.type == "cpu" else None, amp=bool(amp),
-                           channels_last=bool(channels_last)) for k in labels}
-    ratios: Dict[str, Optional[RatioStats]] = {}
-    for k in labels:
-        if baseline is None:
-            ratios[k] = None
-        else:
-            ratios[k] = RatioStats([b / t for b, t in zip(times[baseline], times[k])])
-    return InterleavedResult(stats=stats, ratios=ratios, baseline=baseline, orders=orders)
+                           channels_last=bool(channels_last)) for k, v in times.items()}
+    ok_base = baseline if baseline in times else None
+    ratios = {k: (RatioStats(paired_ratios(times[ok_base], v)) if ok_base else None)
+              for k, v in times.items()}
+    return InterleavedResult(stats=stats, ratios=ratios, baseline=baseline, orders=orders,
+                             stop=stop, ci_target=ci_target, load=(load0, _load()),
+                             wall_s=time.perf_counter() - t0, errors=errors)
 
 
-def _rotate(labels: List[str], r: int) -> List[str]:
-    k = r % len(labels)
-    return labels[k:] + labels[:k]
+def _make_steps(models, errors, mode, batch, resolution, device, amp, channels_last, seed):
+    """A :class:`Step` per model; a model whose step cannot be made goes to ``errors``."""
+    steps = {}
+    for k, model in models.items():
+        try:
+            steps[k] = Step(model, mode, batch, resolution, device, amp, channels_last, seed)
+        except Exception as err:  # noqa: BLE001 - isolated: only this model fails
+            errors[k] = err
+    return steps
+
+
+def _warm_up(steps: Dict[str, "Step"], errors, warmup: int, seed: int) -> None:
+    for r in range(max(0, int(warmup))):
+        for k in round_order(list(steps), seed, -1 - r):
+            if k in errors:
+                continue
+            try:
+                steps[k]()
+            except Exception as err:  # noqa: BLE001 - isolated: only this model fails
+                errors[k] = err
+    for k in errors:
+        steps.pop(k, None)
+
+
+def _timed_rounds(timers, errors, plan: Rounds, baseline, seed: int, t0: float):
+    """Timed rounds until ``plan`` stops them: (times per model, orders, stop reason)."""
+    times: Dict[str, List[float]] = {k: [] for k in timers}
+    orders: List[List[str]] = []
+    stop = None
+    while times and stop is None:
+        order = round_order(list(times), seed, len(orders))
+        orders.append(order)
+        for k in order:
+            try:
+                times[k].append(timers[k]())
+            except Exception as err:  # noqa: BLE001 - isolated: only this model fails
+                errors[k] = err
+        for k in [k for k in times if k in errors]:
+            del times[k]
+        n = min(len(v) for v in times.values()) if times else 0
+        times = {k: v[:n] for k, v in times.items()}  # keep the rounds paired
+        stop = plan.stop(times, baseline if baseline in times else None,
+                         time.perf_counter() - t0) if times else "every model failed"
+    return times, orders, stop

@@ -25,6 +25,17 @@ MEASURE_KEYS = ("backbone", "module", "options", "stages", "resolution", "batch"
                 "channels_last", "threads", "num_classes")
 
 
+#: settings of the adaptive interleaved rounds (part of the id only when set)
+ROUNDS_KEYS = ("ci_target", "max_rounds", "budget_s")
+#: backend settings the worker applies before measuring (config ``[settings]``), with
+#: their defaults; part of the id only when set to something else, so older ids stay valid
+SETTING_DEFAULTS = {"cudnn_benchmark": True, "tf32_cudnn": False, "matmul_precision": "highest"}
+#: the row columns that change a timed measurement: rows that differ in one of them are
+#: different measurements (the report never puts them in one table)
+ROW_SETTING_COLUMNS = ("amp", "channels_last", "compile", "threads", "cudnn_benchmark",
+                       "tf32_cudnn", "tf32_matmul", "matmul_precision")
+
+
 @dataclass(frozen=True)
 class Cell:
     """One model (backbone, module, options, stages) measured at one resolution, batch,
@@ -48,9 +59,15 @@ class Cell:
     warmup: Optional[int] = 2
     repeats: Optional[int] = 5
     min_run_time: Optional[float] = 0.0
+    ci_target: Optional[float] = None   # interleaved: stop at this relative CI half-width
+    max_rounds: Optional[int] = None    # interleaved: at most this many rounds
+    budget_s: Optional[float] = None    # interleaved: stop adding rounds after this time
     amp: bool = False
     channels_last: bool = False
     threads: Optional[int] = None
+    cudnn_benchmark: Optional[bool] = None   # None: SETTING_DEFAULTS (untimed cells)
+    tf32_cudnn: Optional[bool] = None
+    matmul_precision: Optional[str] = None   # "highest" (fp32), "high" (TF32), "medium"
     num_classes: int = 1000
     timeout_s: float = 600.0
     group: Optional[str] = None
@@ -122,6 +139,11 @@ class Cell:
                 and f.default is not dataclasses.MISSING}
         return dataclasses.replace(self, **fill) if fill else self
 
+    def settings(self) -> Dict[str, Any]:
+        """The backend settings to measure with (:data:`SETTING_DEFAULTS` where unset)."""
+        return {k: default if getattr(self, k) is None else getattr(self, k)
+                for k, default in SETTING_DEFAULTS.items()}
+
     def base_row(self, mode: Optional[str], label: Optional[str], **ids: Any) -> Dict[str, Any]:
         """The identity columns of this cell's rows in ``mode`` with ``label`` (plus
         ``ids`` such as ``run_id`` and ``cell``)."""
@@ -140,6 +162,10 @@ def cell_id(cell: Cell) -> str:
     """Stable id of a cell: short sha of the canonical JSON of its :data:`MEASURE_KEYS`
     (plus whether its latency is timed in an interleaved group)."""
     keys = {k: getattr(cell, k) for k in MEASURE_KEYS}
+    # the adaptive-rounds settings join the id only when set, so older ids stay valid
+    keys.update({k: getattr(cell, k) for k in ROUNDS_KEYS if getattr(cell, k) is not None})
+    keys.update({k: getattr(cell, k) for k, default in SETTING_DEFAULTS.items()
+                 if getattr(cell, k) not in (None, default)})
     keys["interleaved"] = bool(cell.group)
     return short_hash(keys)
 
