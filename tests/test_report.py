@@ -98,7 +98,7 @@ def test_cost_table_values_equal_stored_figures(out):
             method="ptflops-pytorch (+ rules added)")["value"], 3)
         assert num(row["mem. eval (MiB)"]) == round(stored(
             CPU_RUN, label, "peak_memory", resolution=224, mode="eval")["value"], 1)
-        assert num(row["FPS eval (img/s)"]) == round(stored(
+        assert num(row["FPS eval, absolute (img/s)"]) == round(stored(
             CPU_RUN, label, "throughput", resolution=224, mode="eval")["value"], 1)
         assert num(row["speed ratio eval (×)"]) == round(stored(
             CPU_RUN, label, "speed_ratio", mode="eval")["value"], 3)
@@ -106,7 +106,7 @@ def test_cost_table_values_equal_stored_figures(out):
         row = row_of(t, label)
         assert num(row["mem. train (MiB)"]) == round(stored(
             CPU_RUN, label, "peak_memory", mode="train")["value"], 1)
-        assert num(row["FPS train (img/s)"]) == round(stored(
+        assert num(row["FPS train, absolute (img/s)"]) == round(stored(
             CPU_RUN, label, "throughput", mode="train")["value"], 1)
     # the plain backbone first, then by label
     assert [r[0] for r in t[1]] == ["none", "CBAM", "SE", TD]
@@ -122,13 +122,16 @@ def test_overhead_columns(out):
     assert set(v for k, v in none.items()
                if k not in ("method", "backbone", "params added")) == {"ref."}
     # the rest from the stored figures: (figure / plain - 1) * 100 and figure / plain
-    for col, metric, match in [("FPS eval", "throughput", {"mode": "eval", "resolution": 224}),
-                               ("mem. train", "peak_memory", {"mode": "train"}),
+    for col, metric, match in [("mem. train", "peak_memory", {"mode": "train"}),
                                ("FLOPs fvcore", "flops", {"resolution": 224, "method": "fvcore"})]:
         ratio = (stored(CPU_RUN, "SE", metric, **match)["value"]
                  / stored(CPU_RUN, "none", metric, **match)["value"])
         assert se[col] == f"{100 * (ratio - 1):+.2f} % ({ratio:.3f}×)", col
-    assert se["FPS eval"].startswith("-")   # SE is slower than the plain backbone
+    # relative speed is the paired speed ratio itself, never FPS / FPS of two medians
+    assert "FPS eval" not in se
+    ratio = stored(CPU_RUN, "SE", "speed_ratio", mode="eval")["value"]
+    assert se["speed ratio eval"] == f"{100 * (ratio - 1):+.2f} % ({ratio:.3f}×)"
+    assert se["speed ratio eval"].startswith("-")   # SE is slower than the plain backbone
 
 
 def test_failed_cell_is_a_dash_with_its_reason_in_a_footnote(out):
@@ -136,7 +139,7 @@ def test_failed_cell_is_a_dash_with_its_reason_in_a_footnote(out):
     md = report_md(folder, CPU_RUN, "cpu")
     notes = footnotes(md)
     td = row_of(tables(md)["cost-resnet50-r224-b8"], TD)
-    for col in ("mem. train (MiB)", "FPS train (img/s)", "speed ratio train (×)"):
+    for col in ("mem. train (MiB)", "FPS train, absolute (img/s)", "speed ratio train (×)"):
         m = re.fullmatch(r"–\[\^(\d+)\]", td[col])
         assert m, td[col]
         assert "timeout after 300 s" in notes[m.group(1)] and TD in notes[m.group(1)]
@@ -159,8 +162,8 @@ def test_failed_cell_is_a_dash_with_its_reason_in_a_footnote(out):
     assert cbam["params (M)"] == "28.074"
     for col, reason in (("FLOPs (G) fvcore", "no counting rule"),
                         ("FLOPs (G) ptflops-pytorch", "no counting rule"),
-                        ("FPS train (img/s)", "worker crashed"),
-                        ("FPS eval (img/s)", "worker crashed"),
+                        ("FPS train, absolute (img/s)", "worker crashed"),
+                        ("FPS eval, absolute (img/s)", "worker crashed"),
                         ("speed ratio eval (×)", "worker crashed")):
         m = re.fullmatch(r"–\[\^(\d+)\]", cbam[col])
         assert m and reason in notes[m.group(1)], col
@@ -208,7 +211,7 @@ def test_devices_are_not_mixed(out):
     assert gpu_fps in gpu and gpu_fps not in cpu and cpu_fps not in gpu
     t = tables(gpu)["cost-resnet50-r224-b32"]
     assert [r[0] for r in t[1]] == ["none", "SE"]
-    assert num(row_of(t, "SE")["FPS eval (img/s)"]) == float(gpu_fps)
+    assert num(row_of(t, "SE")["FPS eval, absolute (img/s)"]) == float(gpu_fps)
     for md, device in ((cpu, "cpu"), (gpu, "cuda")):
         for key, (headers, rows) in tables(md).items():
             assert rows, key
@@ -329,3 +332,24 @@ def test_scaled_columns_take_the_nearest_measured_size():
     assert scaled(168, 100, [76, 100, 200]) == 76     # sweep rounded 75 to a multiple of 4
     assert scaled(448, 100, [76, 100, 200]) == 200
     assert scaled(448, 100, [76, 100, 180]) is None   # nothing close enough
+
+
+def test_speed_ratio_cells_show_the_interval_the_control_and_indistinguishable():
+    from attnbench.report import tables as T
+    m = T.Measure("ok", 0.7724, row={"ratio_lo": 0.7601, "ratio_hi": 0.7843, "distinct": True})
+    assert T.ratio_cell(m).text == "0.772 [0.760, 0.784]"
+    same = T.Measure("ok", 0.9981, row={"ratio_lo": 0.989, "ratio_hi": 1.004, "distinct": False})
+    assert T.ratio_cell(same).text == "0.998 [0.989, 1.004] ≈"
+    assert T.ratio_cell(T.Measure("ok", 1.0, row={}), is_plain=True).text == "1.000"
+    base = {"backbone": "resnet50", "options": "{}", "stages": None, "resolution": 224,
+            "batch": 1, "mode": "eval", "unit": "x", "status": "ok", "error": "",
+            "metric": "speed_ratio", "_order": 0}
+    rows = [dict(base, module="none", label="none", value=1.0, control_ratio=1.002,
+                 control_lo=0.995, control_hi=1.009),
+            dict(base, module="se", label="SE", value=0.9, ratio_lo=0.89, ratio_hi=0.91,
+                 distinct=True, _order=1)]
+    idx = T.Index(rows)
+    cols = [("speed ratio eval (×)", "speed_ratio", "eval", None, "speed_ratio", 1.0)]
+    variants = idx.variants("resnet50", ["speed_ratio"])
+    control = T._control_row(idx, "resnet50", variants, cols, 224, 1)
+    assert [c.text for c in control] == ["control (A/A)", "resnet50", "1.002 [0.995, 1.009]"]

@@ -24,8 +24,18 @@ CONVENTIONS = [
     "- **Memory** (MiB) is the peak of one eval forward / one train step, measured as the "
     "row's "
     "`method` says (CUDA allocator on a GPU, the named CPU method otherwise); **FPS** "
-    "(img/s) = batch / median latency; **speed ratio** = throughput relative to `none` timed "
-    "in the same interleaved rounds (robust to machine drift).",
+    "(img/s, absolute) = batch / median latency.",
+    "- **Speed ratio** (the one relative speed in every table and plot): in each "
+    "interleaved round the plain backbone and the module are timed once, in a seeded random "
+    "order, and r = plain time / module time; the figure is the median of r over the rounds "
+    "and `[lo, hi]` its 95 % confidence interval (order statistics of the rounds: no "
+    "normality assumed). Below 1 is slower than the plain backbone. Rounds are added until "
+    "every interval is within the run's target (e.g. ±1.5 %) or the group's time budget "
+    "ends; the interval shown is the one achieved. **Control (A/A)** is a second, "
+    "independently built plain backbone timed in the same rounds: its ratio should be 1 and "
+    "its interval is the measured noise floor. A module marked `≈` is indistinguishable "
+    "from the plain backbone: its interval contains 1 or overlaps the control's. Two "
+    "modules whose intervals overlap are not ranked by this run.",
     f"- **Cells**: `{T.DASH}` = the measurement failed (the reason is in the numbered note "
     f"under the table); `{T.MISSING}` = not measured.",
     "- Nothing here is measured by the report; every figure is copied from "

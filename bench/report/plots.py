@@ -256,7 +256,7 @@ def _scatter_panel(ax, d, mode: str, order: Sequence[str], colours: Dict[str, tu
                        linewidths=0.6 if filled else 1.6, alpha=0.8, zorder=3)
             pts.append((method, float(p["params_M"]), float(p["fps"]), area))
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"throughput, {mode} (img/s)")
+    ax.set_ylabel(f"absolute throughput, {mode} (img/s)")
     ax.set_title(_MODE_TITLES[mode])
     ax.margins(x=0.2, y=0.2)
     return pts

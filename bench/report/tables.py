@@ -398,8 +398,8 @@ def _cost_columns(idx: Index, backbone: str):
         cols.append((f"FLOPs (G) {c}", "flops", None, c, "flops", 1.0))
     cols += [("mem. train (MiB)", "peak_memory", "train", None, "peak_memory", 1.0),
              ("mem. eval (MiB)", "peak_memory", "eval", None, "peak_memory", 1.0),
-             ("FPS train (img/s)", "throughput", "train", None, "throughput", 1.0),
-             ("FPS eval (img/s)", "throughput", "eval", None, "throughput", 1.0),
+             ("FPS train, absolute (img/s)", "throughput", "train", None, "throughput", 1.0),
+             ("FPS eval, absolute (img/s)", "throughput", "eval", None, "throughput", 1.0),
              ("speed ratio train (×)", "speed_ratio", "train", None, "speed_ratio", 1.0),
              ("speed ratio eval (×)", "speed_ratio", "eval", None, "speed_ratio", 1.0)]
     return cols
@@ -444,6 +444,44 @@ def _key_suffix(res: Optional[int], batch: Optional[int]) -> str:
     return f"-r{res}" + (f"-b{batch}" if batch is not None else "")
 
 
+def ratio_cell(m: Measure, is_plain: bool = False) -> Cell:
+    """``0.772 [0.760, 0.784]``: a paired speed ratio with its 95 % interval (rows that
+    carry one), ``≈`` when the run cannot tell it from the plain backbone."""
+    row = m.row or {}
+    text = fmt(m.value, "speed_ratio")
+    if is_plain:
+        return Cell(text)
+    lo, hi = row.get("ratio_lo"), row.get("ratio_hi")
+    if lo is not None and hi is not None:
+        text += f" [{fmt(lo, 'speed_ratio')}, {fmt(hi, 'speed_ratio')}]"
+    if row.get("distinct") is False:
+        text += " ≈"
+    return Cell(text)
+
+
+def _control_row(idx: Index, backbone: str, variants: List[Variant], cols, res: int,
+                 batch: Optional[int]) -> Optional[List[Cell]]:
+    """The A/A control's speed ratios (from the plain backbone's rows), if recorded."""
+    ref = next((v for v in variants if v[0] == "none"), None)
+    if ref is None:
+        return None
+    row, found = [Cell("control (A/A)"), Cell(backbone)], False
+    for header, metric, mode, counter, kind, scale in cols:
+        m = cost_measure(idx, backbone, ref, metric, mode, counter, res, batch) \
+            if metric == "speed_ratio" else Measure("missing")
+        r = m.row or {}
+        if m.ok and r.get("control_ratio") is not None:
+            found = True
+            text = fmt(r["control_ratio"], "speed_ratio")
+            if r.get("control_lo") is not None and r.get("control_hi") is not None:
+                text += (f" [{fmt(r['control_lo'], 'speed_ratio')}, "
+                         f"{fmt(r['control_hi'], 'speed_ratio')}]")
+            row.append(Cell(text))
+        else:
+            row.append(Cell(MISSING))
+    return row if found else None
+
+
 def _figures_table(idx: Index, notes: Notes, backbone: str, variants: List[Variant], cols,
                    res: int, batch: Optional[int], device: str) -> Table:
     """The cost figures (Table 1 layout), one row per variant."""
@@ -455,12 +493,17 @@ def _figures_table(idx: Index, notes: Notes, backbone: str, variants: List[Varia
         for header, metric, mode, counter, kind, scale in cols:
             m = cost_measure(idx, backbone, v, metric, mode, counter, res, batch)
             cell = value_cell(m, kind, labels[v], tn, scale)
+            if metric == "speed_ratio" and m.ok:
+                cell = ratio_cell(m, v[0] == "none")
             if metric == "flops" and m.ok:
                 note = _disagreement_note(idx, backbone, v, res, labels[v], counter)
                 if note:
                     cell = Cell(cell.text, (tn.add(note),))
             row.append(cell)
         rows.append(row)
+    control = _control_row(idx, backbone, variants, cols, res, batch)
+    if control:
+        rows.append(control)
     headers = ["method", "backbone"] + [c[0] for c in cols]
     align = ["left", "left"] + ["right"] * len(cols)
     headers, align, rows = _drop_empty_columns(headers, align, rows, 2)
@@ -469,8 +512,11 @@ def _figures_table(idx: Index, notes: Notes, backbone: str, variants: List[Varia
              "FLOPs are multiply-adds (GMac) per image"
              + (f", {counters[0]} as the main column" if counters else "") + ";",
              "memory is the peak of one eval forward / one train step;",
-             "FPS = batch / median latency;"
-             " speed ratio = throughput relative to `none` timed in the same interleaved rounds.",
+             "FPS = batch / median latency (absolute);"
+             " speed ratio = median of the paired per-round ratios `none` time / module time,"
+             " with its 95 % interval `[lo, hi]` over the interleaved rounds;"
+             " `≈` = indistinguishable from `none` (the interval contains 1 or overlaps the"
+             " A/A control's: a second plain backbone timed in the same rounds).",
              f"{DASH} = failed (reason in the note), {MISSING} = not measured."]
     return Table(f"cost-{backbone}{_key_suffix(res, batch)}",
                  f"Cost of {backbone} at {res_text(res)}{_batch_text(batch)}", headers, rows,
@@ -484,13 +530,17 @@ def _overhead_table(idx: Index, notes: Notes, backbone: str, variants: List[Vari
     ref_v = next((v for v in variants if v[0] == "none"), None)
     ref_label = labels.get(ref_v, "none") if ref_v else "none"
     tn = notes.start_table()
-    ocols = [c for c in cols if c[1] != "speed_ratio"]
+    # relative speed is the paired ratio itself, never a ratio of two FPS medians
+    ocols = [c for c in cols if c[1] != "throughput"]
     rows = []
     for v in variants:
         added = idx.get(backbone, v, "params_attention", resolution=res, any_resolution=True)
         row = [Cell(labels[v]), Cell(backbone), value_cell(added, "count", labels[v], tn)]
         for header, metric, mode, counter, kind, scale in ocols:
             m = cost_measure(idx, backbone, v, metric, mode, counter, res, batch)
+            if metric == "speed_ratio":
+                row.append(_speed_overhead_cell(m, v == ref_v, labels[v], tn))
+                continue
             if ref_v is None:
                 ref = Measure("missing")
             else:
@@ -507,6 +557,19 @@ def _overhead_table(idx: Index, notes: Notes, backbone: str, variants: List[Vari
                  _overhead_intro(backbone, res, batch, device, ref_v is not None), tn.items)
 
 
+def _speed_overhead_cell(m: Measure, is_ref: bool, label: str, notes: TableNotes) -> Cell:
+    """The paired speed ratio as an overhead, ``-22.8 % (0.772×)`` (``≈``: not
+    distinguishable from the plain backbone)."""
+    if m.status == "failed":
+        return Cell(DASH, (notes.add(failure_text(label, m)),))
+    if not m.ok:
+        return Cell(MISSING)
+    if is_ref:
+        return Cell(REF)
+    text = f"{fmt(100 * (m.value - 1), 'pct', sign=True)} % ({fmt(m.value, 'ratio')}×)"
+    return Cell(text + (" ≈" if (m.row or {}).get("distinct") is False else ""))
+
+
 def _overhead_intro(backbone: str, res: int, batch: Optional[int], device: str,
                     has_ref: bool) -> List[str]:
     """The sentences above an overhead table."""
@@ -514,7 +577,8 @@ def _overhead_intro(backbone: str, res: int, batch: Optional[int], device: str,
              f"(`{device}`), resolution ({res_text(res)}) and batch"
              f"{f' ({batch})' if batch is not None else ''}:",
              "`+x.xx % (y.yyy×)` = (figure / plain − 1) in percent and figure / plain.",
-             "For FPS below 1.000× means slower.",
+             "For speed (the paired speed ratio of the cost table) below 1.000× means "
+             "slower; `≈`: indistinguishable from the plain backbone.",
              "`params added` = parameters the module adds to the plain backbone (count)."]
     if not has_ref:
         intro.append("No plain backbone (`none`) was measured in this group, "
