@@ -38,7 +38,8 @@ Choices the paper leaves open, and what this implementation does:
   the paper does not say otherwise.
 * **The batched convolution** has three exact formulations (:data:`FORMULATIONS`),
   chosen per call by :func:`choose_formulation` from the layer's shape and the device
-  (``AWConv2d.formulation`` or :func:`use_formulation` force one):
+  (option ``formulation``, default ``auto``, or :func:`use_formulation` force one; the
+  outputs do not depend on it, so it is not part of the label unless forced):
 
   - ``grouped``: the per-sample weights AK (N, C2, C1/g, h, w) in ONE grouped
     convolution, batch folded into channels -- input (1, N*C1, H, W), weight
@@ -120,20 +121,27 @@ def _label(opts: Mapping[str, Any]) -> str:
         changed.append(f"reduction={opts['reduction']}")
     if opts.get("attn_bias", False):
         changed.append("attn_bias=True")
+    if opts.get("formulation", "auto") != "auto":
+        changed.append(f"formulation={opts['formulation']}")
     return "AW" + (f"({','.join(changed)})" if changed else "")
 
 
-@register("aw", "conv", defaults={"reduction": 16, "attn_bias": False},
+@register("aw", "conv", defaults={"reduction": 16, "attn_bias": False, "formulation": "auto"},
           stages=(1, 2, 3, 4), label=_label,
           paper="Zhu et al., An Attention Module for Convolutional Neural Networks "
                 "(AW-convolution), ICANN 2021 (eq. 5-8)")
 class AWConv2d(nn.Module):
     """AW-convolution: the conv weight K is rescaled per sample, AK = K + A (.) K."""
 
-    def __init__(self, conv: nn.Conv2d, reduction: int = 16, attn_bias: bool = False):
+    def __init__(self, conv: nn.Conv2d, reduction: int = 16, attn_bias: bool = False,
+                 formulation: str = "auto"):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise OptionError(f"aw: expected the nn.Conv2d to replace, got {type(conv).__name__}")
+        if formulation not in FORMULATIONS:
+            raise OptionError(f"aw: option formulation={formulation!r} must be one of "
+                              f"{', '.join(FORMULATIONS)}")
+        self.formulation = formulation
         c2, c1g, h, w = conv.weight.shape
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
@@ -174,9 +182,6 @@ class AWConv2d(nn.Module):
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
         """A of eq. 7-8 in broadcastable form: (N, C2, 1, h, w) (the 1 expands over C1)."""
         return self.branch(x).unsqueeze(2)
-
-    #: ``auto`` (choose per call) or one of :data:`FORMULATIONS`, for this instance
-    formulation = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d(x, "aw")

@@ -70,7 +70,8 @@ def loop_forward(m, x, attention):
 def test_registered():
     spec = modules.get("aw")
     assert spec.kind == "conv"
-    assert spec.defaults == {"reduction": 16, "attn_bias": False}
+    assert spec.defaults == {"reduction": 16, "attn_bias": False, "formulation": "auto"}
+    assert spec.display({"formulation": "taps"}) == "AW(formulation=taps)"
     assert spec.stages == (1, 2, 3, 4)
     assert spec.display() == "AW"
     assert spec.display({"reduction": 8}) == "AW(reduction=8)"

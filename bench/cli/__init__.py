@@ -23,23 +23,36 @@ COMMAND_MODULES = [
     "attnbench.cli.robustness",
     "attnbench.cli.demo",         # robustness-demo
     "attnbench.cli.check_module",
+    "attnbench.cli.efficiency",
 ]
 
 
-def _plugin_parent(dest: str) -> argparse.ArgumentParser:
-    """``--plugin``, accepted before and after the subcommand (two dests, merged in main)."""
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``attnbench: error: ...``."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(2, f"attnbench: error: {where}{message} (see {self.prog} --help)\n")
+
+
+def _plugin_parent(dest: str, debug_dest: str) -> argparse.ArgumentParser:
+    """``--plugin`` and ``--debug``, accepted before and after the subcommand (two dests
+    each, merged in main)."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--plugin", action="append", default=[], dest=dest,
                         metavar="FILE_OR_MODULE",
                         help="load attention modules from a Python file or dotted module "
                              "name before running (repeatable)")
+    parent.add_argument("--debug", action="store_true", default=False, dest=debug_dest,
+                        help="on an error, show the full traceback instead of one line")
     return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parent = _plugin_parent("plugin_after")
-    parser = argparse.ArgumentParser(
-        prog="attnbench", parents=[_plugin_parent("plugin")],
+    parent = _plugin_parent("plugin_after", "debug_after")
+    parser = Parser(
+        prog="attnbench", parents=[_plugin_parent("plugin", "debug")],
         description="Comparative benchmark suite for attention modules in CNNs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -53,17 +66,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.plugin = list(args.plugin) + list(getattr(args, "plugin_after", []))
+    args.debug = bool(args.debug or getattr(args, "debug_after", False))
     from attnbench.modules.registry import AttnbenchError
     try:
         from attnbench.plugins import loader as plugins
         plugins.load_all(args.plugin)
         return int(args.func(args) or 0)
-    except AttnbenchError as err:
-        print(f"attnbench: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("attnbench: interrupted", file=sys.stderr)
         return 130
+    except (AttnbenchError, OSError) as err:
+        return _fail(args, error_line(err))
+    except Exception as err:  # noqa: BLE001 - one line unless --debug
+        text = " ".join(str(err).split())
+        return _fail(args, f"{type(err).__name__}: {text} (an unexpected error; rerun with "
+                           f"--debug for the traceback)")
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line message of a user error: an :class:`AttnbenchError`'s text, or for an
+    ``OSError`` (unwritable place, full disk) the file and the reason."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _fail(args, message: str) -> int:
+    """Print ``attnbench: error: MESSAGE`` (and the traceback with ``--debug``); exit 2."""
+    if getattr(args, "debug", False):
+        import traceback
+        traceback.print_exc()
+    print(f"attnbench: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""``attnbench efficiency``: paired speed ratios beside the FLOPs limit (issue 13)."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List
+
+from attnbench.cli.args import parse_stages, parse_value
+from attnbench.modules.registry import OptionError
+
+
+def register_cli(sub, parent) -> None:
+    p = sub.add_parser(
+        "efficiency", parents=[parent],
+        help="each module's paired speed ratio beside its FLOPs limit (plain/module FLOPs)",
+        description="Times every module of configs/default.toml (plus --module extras) "
+                    "against the plain backbone and an A/A control in interleaved rounds, "
+                    "at each batch and mode, and prints the paired speed ratio with its 95 %% "
+                    "interval beside the ratio its FLOPs allow.")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--batches", default="1,8", help="comma-separated (default 1,8)")
+    p.add_argument("--modes", default="eval,train", help="comma-separated (default eval,train)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--module", action="append", default=[], metavar="NAME[:K=V,...]",
+                   help="add a module variant, e.g. aw:formulation=taps (repeatable)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="time only these registered names (repeatable; default: all)")
+    p.add_argument("--ci-target", type=float, default=0.015,
+                   help="stop adding rounds when every interval is within +-this (0.015)")
+    p.add_argument("--min-rounds", type=int, default=10)
+    p.add_argument("--max-rounds", type=int, default=400)
+    p.add_argument("--budget-s", type=float, default=120.0, help="seconds per group")
+    p.set_defaults(func=run)
+
+
+def _extra(text: str):
+    name, _, rest = text.partition(":")
+    opts: Dict[str, Any] = {}
+    stages = None
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OptionError(f"--module {text!r}: expected NAME:KEY=VALUE,...")
+        if key.strip() == "stages":
+            stages = parse_stages(value)
+        else:
+            opts[key.strip()] = parse_value(value)
+    return name.strip(), opts, stages
+
+
+def run(args) -> int:
+    from attnbench.matrix import efficiency as E
+    s = E.Settings(backbone=args.backbone, resolution=args.resolution,
+                   batches=tuple(int(b) for b in args.batches.split(",")),
+                   modes=tuple(m.strip() for m in args.modes.split(",")), device=args.device,
+                   threads=args.threads, min_rounds=args.min_rounds,
+                   ci_target=args.ci_target, max_rounds=args.max_rounds,
+                   budget_s=args.budget_s)
+    modules = [m for m in E.default_modules() if not args.only or m[0] in args.only]
+    modules += [_extra(t) for t in args.module]
+    limits = E.flops_limits(E.flops_rows(s, modules))
+    rows = E.ratio_rows(s, modules, progress=lambda t: print(t, file=sys.stderr, flush=True))
+    print(_table(s, rows, limits))
+    return 0
+
+
+def _table(s, rows: List[Dict[str, Any]], limits) -> str:
+    from tabulate import tabulate
+    keys = [(b, m) for b in s.batches for m in s.modes]
+    ratio = {(r["label"], r["batch"], r["mode"]): r for r in rows
+             if r["metric"] == "speed_ratio" and r["status"] == "ok"}
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["metric"] == "latency"))
+    table = []
+    for label in labels:
+        gm, lim = limits.get(label, (float("nan"), float("nan")))
+        line = [label, f"{gm:.3f}", f"{lim:.3f}"]
+        for b, m in keys:
+            r = ratio.get((label, b, m))
+            line.append("-" if r is None else _ratio_text(r))
+        table.append(line)
+    control = ["control (A/A)", "", "1.000"]
+    for b, m in keys:
+        r = ratio.get(("none", b, m))
+        control.append("-" if r is None or r.get("control_ratio") is None else
+                       f"{r['control_ratio']:.3f} [{r['control_lo']:.3f}, {r['control_hi']:.3f}]")
+    table.append(control)
+    headers = ["module", "GMac", "FLOPs limit"] + [f"b{b} {m}" for b, m in keys]
+    stops = sorted({f"{r['stop']} ({r['rounds']} rounds)" for r in ratio.values()})
+    head = (f"{s.backbone} at {s.resolution}², device {s.device}, paired speed ratio to the "
+            f"plain backbone: median [95 % CI] of interleaved rounds, target +-"
+            f"{100 * s.ci_target:g} %; FLOPs limit = plain GMac / module GMac (fvcore)\n"
+            f"groups stopped by: {'; '.join(stops)}")
+    return head + "\n" + tabulate(table, headers, tablefmt="github")
+
+
+def _ratio_text(r) -> str:
+    lo, hi = r.get("ratio_lo"), r.get("ratio_hi")
+    text = f"{r['value']:.3f}"
+    if lo is not None and hi is not None:
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    return text + (" ≈" if r.get("distinct") is False else "")
