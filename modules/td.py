@@ -192,7 +192,8 @@ class TDBlock(nn.Module):
                 if self.record:
                     self.last_searchlights.append(s.detach().flatten(1))
                     self.last_spatial_maps.append(a.detach())
-        return self.relu(top + identity)
+        top += identity  # in place, as torchvision's blocks do (BN's backward keeps no output)
+        return self.relu(top)
 
 
 def td_blocks(model: nn.Module) -> Dict[str, TDBlock]:
