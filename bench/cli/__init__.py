@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "attnbench.cli.demo",         # robustness-demo
     "attnbench.cli.check_module",
     "attnbench.cli.efficiency",
+    "attnbench.cli.compare",
 ]
 
 
