@@ -58,11 +58,14 @@ def test_default_covers_every_module_metric_and_the_sweep():
     assert {"TDjoint(T=2,m=1)", "TDtop(T=2,m=1)", "TDtop(T=2,m=3)", "AW", "AW-SE",
             "SE", "CBAM", "ECA", "none"} <= labels
     assert {c.metrics[0] for c in cells} == {"params", "flops", "latency", "memory"}
-    for metric in ("flops", "latency"):
+    for metric, points in (("flops", SWEEP), ("memory", SWEEP), ("latency", (168, 224, 336, 448))):
         for label in labels:
             res = {c.resolution for c in cells
                    if c.metrics == (metric,) and c.label == label}
-            assert set(SWEEP) <= res, (metric, label)
+            assert set(points) <= res, (metric, label)
+    timed = [c for c in cells if c.metrics == ("latency",)]
+    assert {c.ci_target for c in timed} == {0.015} and all(c.group for c in timed)
+    assert {c.mode for c in timed if c.resolution == 224 and c.batch == 2} == {"eval", "train"}
     assert {c.backbone for c in cells} == {"resnet50"} and cfg.device == "cpu"
     aw_se = next(c for c in cells if c.label == "AW-SE")
     assert aw_se.options["gate"] == "se"
@@ -179,7 +182,7 @@ def test_bad_toml_and_missing_file(tmp_path):
     msg = err("name = \n")
     assert "not valid TOML" in msg
     with pytest.raises(ConfigError, match="no such config file.*built-in configs: "
-                                          "default, paper, tiny"):
+                                          "default, latency, paper, tiny"):
         load_config(tmp_path / "nope.toml")
 
 
