@@ -387,12 +387,14 @@ def _cell(**kw):
 def test_measure_cell_rows_follow_the_schema():
     rows = measure.measure_cell(_cell())
     metrics = [r["metric"] for r in rows]
-    assert metrics == ["params", "params_attention", "flops", "flops", "flops_disagreement",
-                       "latency", "latency_p25", "latency_p75", "throughput", "peak_memory"]
+    assert metrics == ["params", "params_attention", "flops", "flops", "flops",
+                       "flops_disagreement", "latency", "latency_p25", "latency_p75",
+                       "throughput", "peak_tensor_memory", "rss_increase"]
     units = {r["metric"]: r["unit"] for r in rows}
     assert units == {"params": "count", "params_attention": "count", "flops": "GMac",
                      "flops_disagreement": "%", "latency": "ms", "latency_p25": "ms",
-                     "latency_p75": "ms", "throughput": "img/s", "peak_memory": "MiB"}
+                     "latency_p75": "ms", "throughput": "img/s", "peak_tensor_memory": "MiB",
+                     "rss_increase": "MiB"}
     for r in rows:
         assert all(c in r for c in SCHEMA_COLUMNS), r
         assert "run_id" not in r and "cell" not in r
@@ -401,8 +403,8 @@ def test_measure_cell_rows_follow_the_schema():
         assert r["mode"] == (None if r["metric"] in ("params", "params_attention", "flops",
                                                      "flops_disagreement") else "eval")
         json.dumps(r)
-    assert [r["method"].split("+")[0] for r in rows if r["metric"] == "flops"] == \
-        ["fvcore", "ptflops-pytorch"]
+    assert [r["method"].split("+")[0].split(" ")[0] for r in rows if r["metric"] == "flops"] \
+        == ["fvcore", "ptflops-pytorch", "torch.utils.flop_counter"]
     lat = {r["metric"]: r["value"] for r in rows}
     assert lat["latency_p25"] <= lat["latency"] <= lat["latency_p75"]
     assert next(r for r in rows if r["metric"] == "latency")["threads"] == 1
@@ -410,9 +412,9 @@ def test_measure_cell_rows_follow_the_schema():
 
 def test_measure_cell_mode_none_measures_both_and_failures_are_rows():
     rows = measure.measure_cell(_cell(metrics=["memory"], mode=None))
-    assert [r["mode"] for r in rows] == ["eval", "train"]
+    assert [r["mode"] for r in rows] == ["eval", "eval", "train", "train"]  # tensor, RSS
     bad = measure.measure_cell(_cell(module="nope", metrics=["params", "flops"]))
-    assert [r["metric"] for r in bad] == ["params", "params_attention", "flops", "flops",
+    assert [r["metric"] for r in bad] == ["params", "params_attention", "flops", "flops", "flops",
                                           "flops_disagreement"]
     for r in bad:
         assert r["status"] == "failed" and r["value"] is None
@@ -490,8 +492,10 @@ def test_measure_strict_raises_and_stock_flop_rules():
     with pytest.raises(UnknownNameError):
         measure.measure_group([_cell(module="nope", metrics=["latency"])], strict=True)
     stock = measure.measure_cell(_cell(metrics=["flops"]), flop_rules=False)
-    assert [r["method"] for r in stock[:2]] == ["fvcore", "ptflops-pytorch"]
-    assert stock[2]["method"].startswith("100*|ptflops-pytorch - fvcore|")
+    assert [r["method"] for r in stock if r["metric"] == "flops"][:2] == \
+        ["fvcore", "ptflops-pytorch"]
+    gap = next(r for r in stock if r["metric"] == "flops_disagreement")
+    assert gap["method"].startswith("100*|ptflops-pytorch or torch.utils.flop_counter - fvcore|")
 
 
 def test_profile_formats_what_the_measurement_returns(capsys, monkeypatch):
@@ -513,7 +517,7 @@ def test_profile_formats_what_the_measurement_returns(capsys, monkeypatch):
                  "--mode", "eval", "--repeats", "2", "--warmup", "0", "--num-classes", "10",
                  "--stock-flops"]) == 0
     out = capsys.readouterr().out
-    assert [c[:3] for c in calls] == [("cell", ("params",), "eval"), ("cell", ("flops",), "eval"),
+    assert [c[:3] for c in calls] == [("cell", ("params",), "eval"), ("cell", ("flops",), None),
                                       ("group", ("latency",), "eval"),
                                       ("cell", ("memory",), "eval")]
     assert calls[1][3] == {"flop_rules": False, "strict": True}
@@ -531,3 +535,47 @@ def test_profile_formats_what_the_measurement_returns(capsys, monkeypatch):
     assert [c[:3] for c in calls] == [("cell", ("params",), "train"),
                                       ("cell", ("latency",), "train")]
     assert "latency train" in out and "speed ratio" not in out and "(timed alone)" in out
+
+
+def test_cuda_timer_uses_the_configured_device(monkeypatch):
+    """CUDA events are recorded with the configured device current, on its stream."""
+    calls = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream):
+            calls.append(("record", stream))
+
+        def synchronize(self):
+            calls.append(("sync-event",))
+
+        def elapsed_time(self, other):
+            return 2.5
+
+    class FakeDevice:
+        def __init__(self, dev):
+            calls.append(("device", str(dev)))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(("sync", str(d))))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: f"stream-of-{d}")
+    timer = speed._RunTimer.__new__(speed._RunTimer)
+    timer.fn, timer.device = (lambda: calls.append(("step",))), torch.device("cuda:1")
+    assert timer() == 2.5
+    assert calls == [("device", "cuda:1"), ("sync", "cuda:1"), ("record", "stream-of-cuda:1"),
+                     ("step",), ("record", "stream-of-cuda:1"), ("sync-event",)]
+
+
+def test_mps_is_refused_before_timing():
+    from attnbench.modules.registry import AttnbenchError
+    with pytest.raises(AttnbenchError, match="mps.*not supported"):
+        speed.Step(_tiny(), "eval", 1, 32, "mps")

@@ -299,7 +299,7 @@ def test_cli_dry_run_of_the_default_config(capsys):
     assert main(["run", "default", "--dry-run", "--only", "module=se",
                  "--only", "metric=latency"]) == 0
     out = capsys.readouterr().out
-    assert "configs/default.toml: 26 cells" in out
+    assert "configs/default.toml: 12 cells" in out  # se and the plain backbone: 6 each
 
 
 def test_real_measure_tiny_end_to_end(tmp_path):
@@ -307,6 +307,7 @@ def test_real_measure_tiny_end_to_end(tmp_path):
     s = run_config("tiny", results_dir=tmp_path, run_id="tiny", progress=False)
     df, env = R.load_run(tmp_path / "tiny")
     assert s.exit_code == 0, df[df.status == "failed"][["label", "metric", "error"]]
-    assert {"params", "flops", "latency", "throughput", "speed_ratio", "peak_memory"} \
+    assert {"params", "flops", "latency", "throughput", "speed_ratio", "peak_tensor_memory",
+            "rss_increase"} \
         <= set(df.metric)
     assert set(df.module) == {"none", "se", "eca"} and env["device"] == "cpu"

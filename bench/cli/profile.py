@@ -142,8 +142,8 @@ def run(args) -> int:
     if not args.no_flops:
         p_flops = f"{paper[1]:.2f}" if paper and paper[1] is not None \
             and args.resolution == 224 else ""  # the papers count at 224px
-        flops = measure_cell(cell.replace(metrics=("flops",)), flop_rules=not args.stock_flops,
-                             strict=True)
+        flops = measure_cell(cell.replace(metrics=("flops",), mode=None),
+                             flop_rules=not args.stock_flops, strict=True)
         lines.extend(_flop_lines(flops, p_flops, args.resolution))
     if not args.no_speed:
         lines.extend(_speed_lines(_speed_rows(cell, args.alone), args.device))

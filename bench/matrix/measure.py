@@ -11,18 +11,22 @@ num_classes``; a setting that is ``None`` takes the Cell's default.
 Rows per metric:
 
 * ``params``: ``params`` and ``params_attention`` (count), mode ``null``.
-* ``flops``: ``flops`` by fvcore and by ptflops-pytorch (GMac, batch 1, with the
+* ``flops``: ``flops`` by fvcore, ptflops-pytorch and torch.utils.flop_counter (GMac,
+  batch 1, with the
   counting rules of :mod:`attnbench.profilers.flops`, or the counters' stock rules with
   ``flop_rules=False``; ``method`` names counter and rules, the extra column
   ``uncounted`` lists ops left at zero) and ``flops_disagreement`` (%; ``DISAGREE`` in
-  ``method`` over 2 %), mode ``null``.
+  ``method`` over 2 %: the largest gap to fvcore), mode ``null``; a ``flops`` cell in
+  mode ``train`` (where the config times a training step): ``flops_train`` (GMac per
+  image, forward + backward, torch's counter).
 * ``latency`` (timed alone): ``latency``, ``latency_p25``, ``latency_p75`` (ms per
   batch), ``throughput`` (img/s); in :func:`measure_group` also ``speed_ratio`` (x):
   the median of the paired per-round ratios plain / module with its 95 % interval
   (``ratio_lo``, ``ratio_hi``, ``ratio_ci`` = relative half-width), the rounds' stop
   reason and load average, and the A/A control's ratio and interval (``control_*``;
   ``distinct``: whether the module clears the control's noise floor).
-* ``memory``: ``peak_memory`` (MiB).
+* ``memory``: on the CPU ``peak_tensor_memory`` and ``rss_increase``, on CUDA
+  ``cuda_max_allocated`` and ``cuda_max_reserved`` (MiB; :mod:`attnbench.profilers.memory`).
 
 Latency and memory are measured in the cell's mode, or in both modes when it is
 ``None``. Every model is built afresh from seed 0 for each measurement (a training
@@ -53,16 +57,17 @@ SEED = 0
 #: row metrics each cell metric produces (also the failed rows' metrics)
 ROW_METRICS = {
     "params": [("params", "count"), ("params_attention", "count")],
-    "flops": [("flops", "GMac"), ("flops", "GMac"), ("flops_disagreement", "%")],
+    "flops": [("flops", "GMac"), ("flops", "GMac"), ("flops", "GMac"),
+              ("flops_disagreement", "%")],
     "latency": [("latency", "ms"), ("latency_p25", "ms"), ("latency_p75", "ms"),
                 ("throughput", "img/s")],
-    "memory": [("peak_memory", "MiB")],
+    "memory": [("peak_tensor_memory", "MiB"), ("rss_increase", "MiB")],  # CPU; see _pairs
 }
 RATIO_METRICS = [("speed_ratio", "x")]
 #: label of the A/A control in a group: a second plain backbone, built independently
 CONTROL = "control"
 #: the ``method`` of the failed rows of a FLOP count
-FLOPS_METHODS = ["fvcore", "ptflops-pytorch", ""]
+FLOPS_METHODS = ["fvcore", "ptflops-pytorch", _flops.TORCH_COUNTER, ""]
 #: the settings the cells of an interleaved group share
 GROUP_KEYS = ("backbone", "resolution", "batch", "mode", "device", "amp", "channels_last",
               "num_classes")
@@ -109,7 +114,9 @@ def measure_cell(cell: CellLike, *, flop_rules: bool = True, strict: bool = Fals
     rows: Rows = []
     with _speed.num_threads(c.threads):
         for metric in c.metrics:
-            for mode in ([None] if metric in STATIC_METRICS else _modes(c)):
+            # a flops cell in mode train counts forward + backward; otherwise mode null
+            static = ["train" if metric == "flops" and c.mode == "train" else None]
+            for mode in (static if metric in STATIC_METRICS else _modes(c)):
                 rows.extend(_measure_metric(c, metric, mode, label, flop_rules, strict))
     return rows
 
@@ -127,8 +134,17 @@ def _measure_metric(c: Cell, metric: str, mode: Optional[str], label: Optional[s
     except Exception as err:  # noqa: BLE001 - recorded as a failed row
         if strict:
             raise
-        methods = FLOPS_METHODS if metric == "flops" else None
-        return failed_rows(base, ROW_METRICS[metric], error_text(err), methods)
+        pairs, methods = _pairs(c, metric)
+        return failed_rows(base, pairs, error_text(err), methods)
+
+
+def _pairs(c: Cell, metric: str):
+    """``(row metrics, methods)`` of the failed rows of ``metric`` of cell ``c``."""
+    if metric == "flops" and c.mode == "train":
+        return [("flops_train", "GMac")], [_flops.TORCH_COUNTER]
+    if metric == "memory":
+        return _memory.metric_names(c.device), None
+    return ROW_METRICS[metric], FLOPS_METHODS if metric == "flops" else None
 
 
 def _m_params(c: Cell, model, base, mode) -> Rows:
@@ -140,9 +156,14 @@ def _m_params(c: Cell, model, base, mode) -> Rows:
 
 
 def _m_flops(c: Cell, model, base, rules: bool = True) -> Rows:
+    if c.mode == "train":  # forward + backward of a training step, per image
+        fc = _flops.count_torch_train(model, c.resolution, batch=2, rules=rules)
+        return [ok_row(base, "flops_train", fc.gmac, "GMac", fc.method,
+                       flops_batch=2, uncounted="; ".join(fc.uncounted),
+                       rules=canonical_json(fc.by_rule))]
     both = _flops.flops_both(model, c.resolution, rules=rules)
     rows = []
-    for fc in (both.fvcore, both.ptflops):
+    for fc in both.counts:
         rows.append(ok_row(base, "flops", fc.gmac, "GMac", fc.method, flops_batch=1,
                            uncounted="; ".join(fc.uncounted),
                            rules=canonical_json(fc.by_rule)))
@@ -173,8 +194,8 @@ def _m_memory(c: Cell, model, base, mode) -> Rows:
                                 seed=SEED)
     extra = {k: v for k, v in _timing_extra(c).items() if k in ("amp", "channels_last")}
     extra["threads"] = torch.get_num_threads() if stats.device.startswith("cpu") else None
-    return [ok_row(base, "peak_memory", stats.peak_mib, "MiB", stats.method,
-                   start_memory_mib=stats.start_mib, **extra)]
+    return [ok_row(base, metric, value, unit, method, start_memory_mib=stats.start_mib,
+                   **extra) for metric, value, unit, method in stats.metrics()]
 
 
 _MEASURE = {"params": _m_params, "latency": _m_latency, "memory": _m_memory}

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.profilers.env import check_device
 from attnbench.profilers.stats import Interval, median_interval, paired_ratios, round_order
 
 MODES = ("eval", "train")
@@ -185,7 +186,7 @@ class Step:
                  channels_last: bool = False, seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.device = torch.device(device)
+        self.device = torch.device(check_device(device))  # mps refused: no synchronised timer
         self.mode = mode
         self.amp = bool(amp)
         self.channels_last = bool(channels_last)
@@ -261,26 +262,33 @@ class _RunTimer:
 
     def __call__(self) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            gc_was = gc.isenabled()
-            gc.disable()
-            try:
-                start.record()
-                self.fn()
-                end.record()
-                end.synchronize()
-            finally:
-                if gc_was:
-                    gc.enable()
-            return float(start.elapsed_time(end))
+            return self._cuda_call()
         # Timer.timeit(n) would add 2 untimed warm-up calls to every call; its
         # ``_timeit`` is the bare timeit.Timer run (perf_counter, gc off).
         inner = getattr(self._timer, "_timeit", None)
         if inner is not None:
             return float(inner(1) * 1e3)
         return float(self._timer.timeit(1).times[0] * 1e3)  # pragma: no cover
+
+    def _cuda_call(self) -> float:
+        """One call timed by CUDA events on the configured device's current stream (the
+        step runs with that device current, so ``cuda:1`` is timed on cuda:1)."""
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            stream = torch.cuda.current_stream(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            gc_was = gc.isenabled()
+            gc.disable()
+            try:
+                start.record(stream)
+                self.fn()
+                end.record(stream)
+                end.synchronize()
+            finally:
+                if gc_was:
+                    gc.enable()
+        return float(start.elapsed_time(end))
 
 
 @contextlib.contextmanager
