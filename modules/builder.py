@@ -58,6 +58,7 @@ def resolve_stages(model: nn.Module, stages: StageSpec, spec: Optional[ModuleSpe
     means the first ``k`` blocks. Layer keys may be ``3``, ``"3"`` or ``"layer3"``.
     """
     who = spec.name if spec else "build_model"
+    given = stages
     if stages is None:
         stages = list(spec.stages) if spec else [1, 2, 3, 4]
     if isinstance(stages, str):
@@ -98,6 +99,10 @@ def resolve_stages(model: nn.Module, stages: StageSpec, spec: Optional[ModuleSpe
         else:
             raise OptionError(f"{who}: bad block selection {sel!r} for layer{layer}")
         out[layer] = idx
+    if spec is not None and not any(out.values()):
+        raise OptionError(f"{who}: stages={given!r} selects no block, so the model would hold "
+                          f"no {who} module; select at least one block (e.g. stages=[3, 4] "
+                          f"or 'all'), or use the plain backbone (module 'none')")
     return dict(sorted(out.items()))
 
 

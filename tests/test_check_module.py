@@ -134,6 +134,33 @@ def test_failure_at_some_resolutions_and_at_batch_1_in_train_mode():
     assert "Expected more than 1 value per channel when training" in detail
 
 
+def test_a_failure_the_plain_backbone_shares_is_a_warning_naming_it():
+    # batch norm at batch 1 on a 1x1 map (32² on ResNet-18) fails the plain backbone too
+    c = prepared("se", resolutions=(32,))
+    st, detail = status(c, "forward train", c.check_forward_train)
+    assert st == WARN and "the plain resnet18 fails there too" in detail
+    assert "not se's doing" in detail and "Expected more than 1 value per channel" in detail
+    st, detail = status(c, "determinism", c.check_determinism)
+    assert st == WARN and detail.startswith("the plain resnet18 fails this check too")
+    assert exit_code(c.results) == 0
+
+
+def test_a_failure_of_the_module_alone_stays_a_failure_next_to_a_shared_one():
+    @gate("oddshy")
+    class OddShy(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+
+        def forward(self, x):
+            if x.shape[-1] == 2:
+                raise ValueError("2x2 map")
+            return x
+    c = prepared("oddshy", resolutions=(32, 64))   # 32: 1x1 in layer4 (shared); 64: 2x2
+    st, detail = status(c, "forward train", c.check_forward_train)
+    assert st == FAIL and "1 of 2 resolutions fail; 64²: ValueError: 2x2 map" in detail
+    assert "the plain resnet18 fails at 32² too" in detail
+
+
 def test_parameter_without_gradient():
     @gate("unused")
     class Unused(nn.Module):

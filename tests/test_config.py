@@ -95,8 +95,10 @@ modes = ["eval", "train"]
     cells = expand(cfg)
     flops = [c for c in cells if c.metrics == ("flops",)]
     lat = [c for c in cells if c.metrics == ("latency",)]
-    assert len(flops) == 2 * 11 and {c.batch for c in flops} == {1}
-    assert {c.mode for c in flops} == {None}
+    assert len(flops) == 2 * 11 * 2 and {c.batch for c in flops} == {1}
+    # forward counts, and forward + backward where a training step is timed
+    assert sorted({(c.mode or "", c.resolution) for c in flops}) == \
+        sorted((m, r) for m in ("", "train") for r in range(168, 449, 28))
     assert len(lat) == 2 * 11 * 2 * 2
     groups = [u for u in units(cells) if len(u) > 1]
     assert len(groups) == 11 * 2 * 2 and all(len(g) == 2 for g in groups)
@@ -211,3 +213,26 @@ resolutions = [64, 96]
     with pytest.raises(ConfigError,
                        match=r"module=cbam matches no cell \(present: eca, none, se\)"):
         expand(cfg, ["module=cbam"])
+
+
+@pytest.mark.parametrize("module, options, message", [
+    ("td", 'variant = "sideways"', "variant='sideways' must be one of"),
+    ("td", "m = 9", "m=9 (feedback distance) must be 1..3"),
+    ("se", "reduction = 0", "reduction=0 must be a positive integer"),
+    ("se", "reduction = 100000", "reduction=100000 is larger than the channel count 256"),
+    ("cbam", "kernel_size = 4", "kernel_size=4 must be a positive odd integer"),
+    ("tdaf", "anar = 4", "anar=4 must be one of 3, 5, 7"),
+])
+def test_option_values_fail_at_load_with_the_factory_check(module, options, message):
+    text = (f'name = "x"\nbackbones = ["resnet50"]\nmetrics = ["params"]\n'
+            f'[[modules]]\nname = "{module}"\noptions = {{{options}}}\n')
+    with pytest.raises(ConfigError, match=r"modules\[0\]\.options: .*" + message.replace(
+            "(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        parse_config(text)
+
+
+def test_a_binary_config_is_a_config_error(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)

@@ -489,3 +489,14 @@ def test_pip_installed_example_is_found_by_entry_point(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("coordatt"))
     assert "attnbench-coordatt" in line
+
+
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_a_plugin_that_registers_nothing_is_an_error(tmp_path, kind, capsys):
+    spec = str(write(tmp_path, "nothing.py", "x = 1\n")) if kind == "file" else "os"
+    before = REGISTRY.snapshot()
+    with pytest.raises(plugins.PluginError, match="registered no attention module"):
+        plugins.load_plugin(spec)
+    assert REGISTRY.snapshot() == before and plugins.loaded_plugins() == []
+    assert main(["list", "--plugin", spec]) == 2
+    assert "registered no attention module" in capsys.readouterr().err

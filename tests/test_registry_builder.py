@@ -197,3 +197,9 @@ def test_head_kind_replaces_global_pooling():
         assert model.avgpool.p.grad is not None
     finally:
         modules.REGISTRY.remove("testgem")
+
+
+@pytest.mark.parametrize("stages", [[], {}, {3: 0}, {"3": 0, "4": []}])
+def test_stages_that_select_no_block_are_refused(stages):
+    with pytest.raises(OptionError, match="selects no block"):
+        build_model("resnet18", "se", stages=stages)

@@ -353,3 +353,75 @@ def test_speed_ratio_cells_show_the_interval_the_control_and_indistinguishable()
     variants = idx.variants("resnet50", ["speed_ratio"])
     control = T._control_row(idx, "resnet50", variants, cols, 224, 1)
     assert [c.text for c in control] == ["control (A/A)", "resnet50", "1.002 [0.995, 1.009]"]
+
+
+# --------------------------------------------------------------------------- a run is its folder
+
+def _gpu_copy(results, name=GPU_RUN):
+    shutil.copytree(FIXTURE / GPU_RUN, results / name)
+    return results / name / "rows.jsonl"
+
+
+def _edit_first_row(path, **change):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[0] = json.dumps(dict(json.loads(lines[0]), **change))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_a_copied_run_folder_is_its_own_run_and_says_so(tmp_path, capsys):
+    results = tmp_path / "results"
+    _gpu_copy(results)
+    backup = _gpu_copy(results, GPU_RUN + ".bak")
+    _edit_first_row(backup, value=55_600_000)   # a stale copy with another value
+    out = tmp_path / "reports"
+    assert cli_main(["report", "--results", str(results), "--out", str(out),
+                     "--formats", "none"]) == 0
+    err = capsys.readouterr().err
+    assert f"run_id {GPU_RUN} disagrees with the folder {GPU_RUN}.bak" in err
+    # the original is untouched by the copy: its own report, its own parameter count
+    md = report_md(out, GPU_RUN, "cuda")
+    assert " 55.600 " not in md and " 25.557 " in md and "Read this first" not in md
+    bak = report_md(out, GPU_RUN + ".bak", "cuda")
+    assert " 55.600 " in bak and "Read this first" in bak and "lines 1-38" in bak
+    assert f"disagrees with the folder `{GPU_RUN}.bak`" in \
+        (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_renamed_then_resumed_run_is_one_report(tmp_path):
+    results = tmp_path / "results"
+    rows = _gpu_copy(results, "renamed")
+    _edit_first_row(rows, run_id="renamed")     # the resumed session's rows name the folder
+    result = R.generate(results, tmp_path / "reports", formats=())
+    assert [g.run_id for g in result.groups] == ["renamed"]
+    assert result.groups[0].env.get("device_name")  # the environment is not "unknown"
+    assert any("lines 2-38" in n and "run_id `20261123-090000-gpu`" in n
+               for n in result.notes), result.notes
+
+
+def test_a_duplicated_cell_with_another_value_is_failed_not_merged(tmp_path):
+    results = tmp_path / "results"
+    rows = _gpu_copy(results)
+    first = rows.read_text(encoding="utf-8").splitlines()[0]
+    with open(rows, "a", encoding="utf-8") as fh:   # the same cell again, another value
+        fh.write(json.dumps(dict(json.loads(first), value=55_600_000)) + "\n")
+        fh.write(first + "\n")                      # an identical copy is harmless
+    result = R.generate(results, tmp_path / "reports", formats=())
+    note = [n for n in result.notes if "the same measurement" in n]
+    assert len(note) == 1 and "lines 1, 39, 40" in note[0], result.notes
+    assert "line 1: 25557032, line 39: 55600000" in note[0]
+    md = report_md(tmp_path / "reports", GPU_RUN, "cuda")
+    assert " 55.600 " not in md and " 25.557 " not in md and "conflicting duplicate rows" in md
+
+
+def test_empty_and_rowless_runs_are_skipped_with_a_note(tmp_path):
+    results = tmp_path / "results"
+    _gpu_copy(results)
+    (results / "empty").mkdir()
+    (results / "empty" / "rows.jsonl").write_text("", encoding="utf-8")
+    (results / "killed").mkdir()
+    (results / "killed" / "env.json").write_text('{"run_id": "killed"}', encoding="utf-8")
+    result = R.generate(results, tmp_path / "reports", formats=())
+    assert [g.run_id for g in result.groups] == [GPU_RUN]
+    readme = (tmp_path / "reports" / "README.md").read_text(encoding="utf-8")
+    assert "skipped run `empty`: its rows.jsonl is empty" in readme
+    assert "skipped run `killed`: it has no rows.jsonl" in readme

@@ -219,3 +219,44 @@ def test_cell_base_row_is_the_rows_identity():
 def test_cell_states():
     rows = [row(cell="a"), row(cell="b"), row(cell="b", status="failed"), row(cell=None)]
     assert R.cell_states(rows) == {"a": "ok", "b": "failed"}
+
+
+@pytest.mark.parametrize("column, value", [("resolution", "big"), ("batch", 1.5),
+                                           ("value", "fast"), ("value", True),
+                                           ("options", {"reduction": 16}), ("run_id", 3)])
+def test_a_wrong_type_names_the_file_and_line(tmp_path, column, value):
+    R.write_rows(tmp_path, [row(), row(cell="c2")])
+    path = tmp_path / "rows.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = json.dumps(dict(json.loads(lines[1]), **{column: value}))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(R.ResultsError, match=rf"rows.jsonl, line 2: column '{column}' must be"):
+        R.load_rows(path)
+    with pytest.raises(R.ResultsError, match=f"column '{column}'"):
+        R.write_rows(tmp_path / "w", [row(**{column: value})])
+
+
+def test_a_write_that_fails_is_a_results_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    R.write_rows(tmp_path, [row()])
+    before = (tmp_path / "rows.jsonl").read_text()
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(R.ResultsWriteError, match="cannot write \\(No space left on device\\); "
+                                                  "the file as it was is unchanged"):
+        R.write_rows(tmp_path, [row(cell="new")])
+    assert (tmp_path / "rows.jsonl").read_text() == before
+
+
+def test_check_writable(tmp_path):
+    (tmp_path / "f").write_text("x")
+    R.check_writable(tmp_path / "new" / "deeper", "--out", folder=True)
+    R.check_writable(tmp_path / "m.pt", "--out")
+    assert not (tmp_path / "new").exists()   # checking creates nothing
+    for path, folder, message in ((tmp_path / "f", True, "is a file, not a folder"),
+                                  (tmp_path / "f" / "x", True, "is a file, not a folder"),
+                                  (tmp_path, False, "is a folder; give a file name")):
+        with pytest.raises(R.ResultsError, match=message):
+            R.check_writable(path, "--out", folder=folder)

@@ -105,6 +105,8 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     ck["state_dict"].pop("fc.bias")
     ck["state_dict"]["fc.weight"] = torch.zeros(5, 512)
     ck["state_dict"]["extra.weight"] = torch.zeros(1)
+    from attnbench.accuracy.checkpoint import content_hash
+    ck["content_hash"] = content_hash(ck)  # an intact file whose weights fit another model
     torch.save(ck, tmp_path / "bad.pt")
     with pytest.raises(CheckpointMismatchError) as err:
         load_checkpoint(tmp_path / "bad.pt")
@@ -231,3 +233,25 @@ def test_config_from_args_resume_settings_and_rrc_scale(tiny_data, tmp_path):
     assert cfg.rrc_scale == [0.5, 1.0] and cfg.stages == [3, 4]
     with pytest.raises(TrainError, match="expected LO,HI"):
         config_from_args(argparse.Namespace(resume=None, data="d", rrc_scale="0.5"))
+
+
+def test_checkpoint_content_hash_refuses_changed_weights(tmp_path):
+    import zipfile
+    model = build_model("resnet18", "se", num_classes=3)
+    path = save_checkpoint(tmp_path / "m.pt", model, epoch=1)
+    assert read_checkpoint(path)["content_hash"].startswith("sha256:")
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as zout:
+        big = max((n for n in zin.namelist() if "/data/" in n),
+                  key=lambda n: zin.getinfo(n).file_size)
+        for n in zin.namelist():
+            zout.writestr(zin.getinfo(n), bytes(zin.getinfo(n).file_size) if n == big
+                          else zin.read(n))
+    torch.load(bad, weights_only=True)  # torch itself notices nothing
+    with pytest.raises(CheckpointError, match="do not match the checkpoint's content hash"):
+        load_checkpoint(bad)
+    # a checkpoint written before content hashes loads as before
+    old = torch.load(path, weights_only=True)
+    del old["content_hash"]
+    torch.save(old, tmp_path / "old.pt")
+    load_checkpoint(tmp_path / "old.pt")

@@ -17,6 +17,10 @@ no arbitrary code runs when a checkpoint is read. Keys:
 ``train_resolution``, ``crop_pct``, ``dataset``     how the model was trained
 ``rng``               torch's CPU RNG state at the save (a uint8 tensor)
 ``torch``             the torch version that wrote it
+``content_hash``      ``"sha256:<hex>"`` of every tensor above (name, dtype, shape, bytes),
+                      checked on every load: weights changed inside the file are refused
+``resumes``           each ``--resume`` that changed a setting: ``at_epoch``, ``changed``
+                      ``{setting: {from, to}}``, ``allowed`` (written by :mod:`.train`)
 """
 from __future__ import annotations
 
@@ -146,6 +150,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, *, optimizer=None, schedul
     }
     if extra:
         ckpt.update(plain(dict(extra)))
+    ckpt["content_hash"] = content_hash(ckpt)
     path = Path(path)
     atomic_write(path, lambda fh: torch.save(ckpt, fh), binary=True)
     return path
@@ -188,7 +193,37 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     for key in ("model_config", "state_dict"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{path}: checkpoint has no {key!r} dict")
+    recorded = ckpt.get("content_hash")
+    if recorded is not None and content_hash(ckpt) != recorded:
+        raise CheckpointError(f"{path}: its tensors do not match the checkpoint's content hash "
+                              f"({str(recorded)[:19]}...): the file was changed after "
+                              f"attnbench wrote it; restore it or train again")
     return ckpt
+
+
+def _tensors(value: Any, name: str = ""):
+    """``(name, tensor)`` of every tensor in ``value`` (dicts in key order, then lists)."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            if not (name == "" and key == "content_hash"):
+                yield from _tensors(value[key], f"{name}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{name}/{i}")
+
+
+def content_hash(ckpt: Mapping[str, Any]) -> str:
+    """``"sha256:<hex>"`` of the checkpoint's tensors: for each, its place in the dict,
+    dtype, shape and bytes (as stored, on the CPU)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in _tensors(ckpt):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def load_checkpoint(path: PathLike, expect_config: Any = None,

@@ -201,6 +201,15 @@ def draw_image(name: str, rng: np.random.Generator, size: int,
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
+def _check_out(out: Path) -> None:
+    """:class:`DataError` unless ``out`` is (or can be made) a folder to write images in."""
+    from attnbench.results import ResultsError, check_writable
+    try:
+        check_writable(out, "make-data: output folder", folder=True)
+    except ResultsError as err:
+        raise DataError(str(err)) from None
+
+
 def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: int = 30,
                  size: int = 96, seed: int = 0, oversample: int = 4,
                  nuisance: float = 1.0, progress: bool = False) -> Dict[str, object]:
@@ -216,6 +225,7 @@ def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: in
             raise DataError(f"make-data: --{key} must be an integer >= {lo}, got {value!r}")
     names = class_names(classes)
     out = Path(out)
+    _check_out(out)
     meta = {"generator": "attnbench.synthetic-shapes-v2", "classes": names, "train": train,
             "val": val, "size": size, "seed": seed, "oversample": oversample,
             "nuisance": float(nuisance)}

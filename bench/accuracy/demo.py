@@ -92,6 +92,26 @@ def parse_models(text: Optional[str]) -> List[Tuple[str, str, Dict[str, Any]]]:
     return out
 
 
+def check_models(models: Sequence[Tuple[str, str, Dict[str, Any]]], backbone: str) -> None:
+    """:class:`AttnbenchError` naming the first of ``models`` that is not registered or does
+    not build on ``backbone`` with its options (built on the meta device: no memory, no
+    time). The command line checks this before anything is trained; :func:`run_demo` itself
+    reports such a model and goes on with the others."""
+    from attnbench.modules.builder import BACKBONES, build_model
+    from attnbench.modules.registry import unknown_name_message
+    if str(backbone).lower() not in BACKBONES:
+        raise AttnbenchError("--backbone: " + unknown_name_message("backbone", backbone,
+                                                                   BACKBONES))
+    for name, module, options in models:
+        try:
+            if module != "none":
+                REGISTRY.get(module)
+            with torch.device("meta"):
+                build_model(backbone, module, **dict(options))
+        except AttnbenchError as err:
+            raise AttnbenchError(f"--models {name}: {err}") from None
+
+
 def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" = "results", *,
              resolution: int = 64, classes: int = 10, train_per_class: int = 80,
              val_per_class: int = 30, epochs: int = 8, batch_size: int = 32, lr: float = 0.02,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from attnbench.accuracy import distributed
 from attnbench.accuracy.checkpoint import load_checkpoint
 from attnbench.accuracy.train import eval_transform, evaluate, image_folder, resize_size
 from attnbench.modules.registry import AttnbenchError
@@ -198,6 +199,26 @@ class CheckpointRows:
                 ok_row(base, "top5", acc["topk"], "%", method + note, **extra)]
 
 
+# --------------------------------------------------------------------------- inputs
+
+def check_inputs(checkpoints: Sequence["str | Path"], data: "str | Path") -> None:
+    """What ``attnbench robustness`` checks before it writes a row: every checkpoint is a
+    readable attnbench checkpoint (its content hash intact) trained on the classes of
+    ``data``'s validation set. :class:`CheckpointError` / :class:`RobustnessError` name the
+    first that is not (:func:`evaluate_checkpoints` itself turns such a checkpoint into
+    failed rows and goes on with the others)."""
+    from attnbench.accuracy.checkpoint import read_checkpoint
+    if not checkpoints:
+        raise RobustnessError("robustness: give at least one checkpoint")
+    found = image_folder(val_root(data), None, "validation").classes
+    for path in checkpoints:
+        classes = list(read_checkpoint(path).get("classes") or [])
+        if classes and classes != list(found):
+            raise RobustnessError(
+                f"{path}: trained on other classes ({len(classes)}: {', '.join(classes[:3])}"
+                f"...) than {val_root(data)} has ({len(found)}: {', '.join(found[:3])}...)")
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path", *,
@@ -221,6 +242,9 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
         raise RobustnessError(f"--batch-size must be >= 1, got {batch_size}")
     if scale_from not in (None, "auto"):
         scale_from = int(scale_from)
+    # torchrun: each rank evaluates a share of the images, rank 0 logs and writes the rows
+    device = distributed.init(device)
+    log, progress = distributed.main_only(log), progress and distributed.is_main()
     ev = _Evaluation(data, resolutions, scale_from, crop_pct, batch_size, device, amp, workers,
                      progress, log)
     if config_text is None:
@@ -251,7 +275,7 @@ class _Evaluation:
 
     def open_run(self, results, run_id: Optional[str], config_text: str) -> None:
         """Name the run, note its finished cells, write its ``env.json``."""
-        self.run_id = run_id or new_run_id("robustness")
+        self.run_id = distributed.broadcast(run_id or new_run_id("robustness"))
         self.run_dir = Path(results) / self.run_id
         self.done = (finished_cells(self.run_dir, include_failed=False)
                      if self.run_dir.exists() else {})
@@ -261,8 +285,16 @@ class _Evaluation:
         except Exception as err:  # noqa: BLE001 - never lose the measurements for the env
             env = {"run_id": self.run_id, "device": self.device,
                    "error": f"collect_env: {err}"}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_env(self.run_dir, env)
+        if distributed.is_main():
+            env["world_size"] = distributed.world_size()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_env(self.run_dir, env)
+        distributed.barrier()
+
+    def append(self, rows: List[Dict[str, Any]]) -> None:
+        """Append ``rows`` to the run (rank 0 only under torchrun)."""
+        if distributed.is_main():
+            append_rows(self.run_dir, rows)
 
     def rows_of(self, ckpt_path: str, **variant: Any) -> CheckpointRows:
         """The row builder of checkpoint ``ckpt_path``."""
@@ -277,7 +309,7 @@ class _Evaluation:
         except AttnbenchError as err:
             maker = self.rows_of(ckpt_path, label=Path(ckpt_path).stem)
             rows = maker.failed(_sweep(self.resolutions, self.scale_from, None), str(err))
-            append_rows(self.run_dir, rows)
+            self.append(rows)
             self.log(f"FAILED {ckpt_path}: {err}")
             return rows
         config = ckpt["model_config"]
@@ -297,7 +329,7 @@ class _Evaluation:
         model.to(self.dev)
         rows = self.sweep(model, maker, res_list, n_classes, error)
         if rows:
-            append_rows(self.run_dir, rows)
+            self.append(rows)
         model.to("cpu")
         if error:
             self.log(f"FAILED {ckpt_path}: {error}")
@@ -341,11 +373,13 @@ class _Evaluation:
 
     def resolution(self, model, maker: CheckpointRows, res: int,
                    n_classes: int) -> List[Dict[str, Any]]:
-        """Evaluate at test size ``res``; failed rows when that raises."""
+        """Evaluate at test size ``res`` (under torchrun: this rank's share of the images,
+        then the counts of all ranks); failed rows when that raises on any rank."""
+        acc, msg = None, None
         try:
             self.images.transform = eval_transform(res, self.crop_pct)
             loader = torch.utils.data.DataLoader(
-                self.images, batch_size=self.batch_size, shuffle=False,
+                distributed.shard(self.images), batch_size=self.batch_size, shuffle=False,
                 num_workers=self.workers, pin_memory=self.dev.type == "cuda")
             acc = evaluate(model, loader, self.device, self.amp, topk=5,
                            progress=self.progress and len(loader) > 1,
@@ -354,6 +388,8 @@ class _Evaluation:
             msg = error_text(err)
             if is_oom(err) and self.dev.type == "cuda":
                 torch.cuda.empty_cache()
+        acc, msg = distributed.merge_eval(acc, msg)
+        if msg is not None:
             self.log(f"FAILED {maker.label} at {res}px: {msg}")
             return maker.failed([res], msg)
         return maker.ok(res, acc, n_classes)

@@ -14,9 +14,12 @@ Standard ImageNet-style recipe on any torchvision ImageFolder (``DIR/train/<clas
   CUDA only;
 * a checkpoint (see :mod:`attnbench.accuracy.checkpoint`) written at the end of every epoch, so
   ``--resume CKPT`` continues from the last finished epoch (model, optimizer,
-  scheduler, epoch, metrics). Each epoch reseeds torch with ``seed + epoch`` and
-  shuffles with its own generator, so a resumed run sees the same batches and
-  augmentations as an uninterrupted one.
+  scheduler, epoch, metrics). Each epoch reseeds torch with ``seed + epoch``, shuffles
+  with its own permutation and seeds each image's augmentation by (seed, epoch, image),
+  so a resumed run sees the same batches and augmentations as an uninterrupted one;
+* under ``torchrun --nproc_per_node=N`` DistributedDataParallel over N processes
+  (:mod:`attnbench.accuracy.distributed`: ``--batch-size`` is the global batch, optional
+  ``--sync-bn``, checkpoints and logs from rank 0).
 """
 from __future__ import annotations
 
@@ -24,13 +27,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from attnbench.accuracy import checkpoint as ckpt_io
+from attnbench.accuracy import distributed
 from attnbench.modules.registry import AttnbenchError
+from attnbench.results import check_writable
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -158,6 +163,7 @@ class TrainConfig:
     limit_batches: Optional[int] = None
     eval_every: int = 1
     threads: Optional[int] = None
+    sync_bn: bool = False  # under torchrun: batch-norm statistics of the global batch
 
     def check(self) -> None:
         for key in ("resolution", "epochs", "batch_size"):
@@ -177,6 +183,14 @@ class TrainConfig:
             raise TrainError(f"--rrc-scale must be 0 < lo <= hi <= 1, got {self.rrc_scale}")
         if not str(self.device).startswith(("cpu", "cuda")):
             raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        for key, lo in (("workers", 0), ("eval_every", 0), ("threads", 1)):
+            value = getattr(self, key)
+            if value is not None and int(value) < lo:
+                raise TrainError(f"--{key.replace('_', '-')} must be >= {lo}, got {value!r}")
+        if self.module in (None, "", "none") and (self.stages is not None or self.options):
+            given = "--stages" if self.stages is not None else "--option"
+            raise TrainError(f"{given}: the plain backbone (--module none) has no attention "
+                             f"to place or configure; name a module with --module")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise TrainError("--device cuda: no CUDA device is available here")
 
@@ -224,6 +238,7 @@ class _Run:
     val_loader: Any
     steps: int
     criterion: nn.Module
+    net: Optional[nn.Module] = None  # what trains: the model, or its DDP wrapper (torchrun)
 
     @property
     def label(self) -> str:
@@ -231,11 +246,17 @@ class _Run:
 
 
 def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print,
-          ) -> Dict[str, Any]:
+          allow_changes: bool = False) -> Dict[str, Any]:
     """Train per ``cfg`` (resuming from ``cfg.resume`` if set); returns the final
-    checkpoint dict (also written to ``cfg.out``)."""
+    checkpoint dict (also written to ``cfg.out``). A resume with other training settings
+    (:data:`RECIPE_KEYS`) than the checkpoint's is refused unless ``allow_changes``; every
+    setting that changed is recorded in the checkpoint's ``resumes``."""
     resumed = ckpt_io.read_checkpoint(cfg.resume) if cfg.resume else None
     cfg.check()
+    resumes = _resumes(cfg, resumed, allow_changes) if resumed is not None else []
+    check_writable(cfg.out, "--out")  # before an epoch is spent, not after
+    cfg.device = distributed.init(cfg.device)  # torchrun: this rank's device, process group
+    log, progress = distributed.main_only(log), progress and distributed.is_main()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     train_set, val_set = _datasets(cfg)
@@ -246,7 +267,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     run = _setup(cfg, _build(cfg, len(classes)), train_set, val_set, log)
     start_epoch, history = _restore(run, resumed, log) if resumed is not None else (0, [])
     common = dict(args=asdict(cfg), classes=classes, train_resolution=cfg.resolution,
-                  crop_pct=cfg.crop_pct, dataset=str(Path(cfg.data)))
+                  crop_pct=cfg.crop_pct, dataset=str(Path(cfg.data)),
+                  extra={"world_size": distributed.world_size(), "resumes": resumes})
     if start_epoch >= cfg.epochs:
         log(f"{cfg.resume}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); "
             f"nothing to do")
@@ -259,7 +281,44 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
         log(_epoch_message(run, epoch, record))
     if start_epoch >= cfg.epochs and not Path(cfg.out).exists():
         _save(run, start_epoch, history, common)
+    distributed.barrier()
+    if not distributed.is_main():  # rank 0 wrote the checkpoint
+        return {"label": run.label, "epoch": max(start_epoch, cfg.epochs), "history": history}
     return ckpt_io.read_checkpoint(cfg.out)
+
+
+#: the settings a resumed run may not change unless told to: they change what is learned
+RECIPE_KEYS = ("resolution", "crop_pct", "rrc_scale", "batch_size", "lr", "momentum",
+               "weight_decay", "warmup_epochs", "label_smoothing", "seed", "amp", "sync_bn",
+               "limit_batches")
+
+
+def resume_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> Dict[str, List[Any]]:
+    """``{setting: [checkpoint's, now]}`` of the settings of ``cfg`` that differ from the
+    checkpoint's saved ``args`` (the model's are compared by :func:`_check_resumable`)."""
+    now = ckpt_io.plain(asdict(cfg))
+    skip = ("out", "resume") + MODEL_FIELDS
+    return {k: [saved[k], now[k]] for k in now
+            if k in saved and k not in skip and ckpt_io.plain(saved[k]) != now[k]}
+
+
+def _resumes(cfg: TrainConfig, resumed: Mapping[str, Any], allow: bool) -> List[Dict[str, Any]]:
+    """The checkpoint's record of resumes, with this one if it changes any setting;
+    :class:`TrainError` for a change of :data:`RECIPE_KEYS` unless ``allow``."""
+    changes = resume_changes(resumed.get("args") or {}, cfg)
+    recipe = {k: v for k, v in changes.items() if k in RECIPE_KEYS}
+    if recipe and not allow:
+        what = "; ".join(f"--{k.replace('_', '-')} {v[1]} (checkpoint: {v[0]})"
+                         for k, v in recipe.items())
+        raise TrainError(f"{cfg.resume}: cannot resume with other training settings than the "
+                         f"checkpoint's: {what}; pass --allow-changes to continue anyway (the "
+                         f"change is recorded in the checkpoint), or train anew with another "
+                         f"--out")
+    out = list(resumed.get("resumes") or [])
+    if changes:
+        out.append({"at_epoch": int(resumed.get("epoch", 0)), "allowed": bool(recipe),
+                    "changed": {k: {"from": v[0], "to": v[1]} for k, v in changes.items()}})
+    return out
 
 
 def _datasets(cfg: TrainConfig):
@@ -306,15 +365,16 @@ def _setup(cfg: TrainConfig, model: nn.Module, train_set, val_set, log) -> _Run:
     if cfg.amp and not amp:
         log("note: --amp is for CUDA only; training in float32 on the CPU")
     model.to(device)
+    net = distributed.wrap(model, cfg.device, cfg.sync_bn, log)
     optimizer = _optimizer(cfg, model)
     loader_gen = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen,
-        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size,
+    # a DistributedSampler (one replica without torchrun), augmentations seeded per image
+    train_loader = distributed.train_loader(
+        train_set, cfg.batch_size, cfg.seed, generator=loader_gen, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", persistent_workers=False)
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda")
+        distributed.shard(val_set), batch_size=cfg.batch_size, shuffle=False,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda")
     steps = len(train_loader)
     if cfg.limit_batches:
         steps = min(steps, cfg.limit_batches)
@@ -323,7 +383,7 @@ def _setup(cfg: TrainConfig, model: nn.Module, train_set, val_set, log) -> _Run:
     scaler = torch.amp.GradScaler("cuda") if amp else None
     return _Run(cfg, model, device, amp, optimizer, scheduler, scaler, loader_gen,
                 train_loader, val_loader, steps,
-                nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+                nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), net)
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -348,6 +408,11 @@ def _restore(run: _Run, resumed: Dict[str, Any], log) -> Tuple[int, List[Dict[st
         run.scheduler.load_state_dict(resumed["scheduler"])
     start_epoch = int(resumed.get("epoch", 0))
     log(f"resumed {run.cfg.resume} at epoch {start_epoch}/{run.cfg.epochs}")
+    ranks = int(resumed.get("world_size") or 1)
+    if ranks != distributed.world_size():
+        log(f"note: {run.cfg.resume} was trained on {ranks} process(es), this run has "
+            f"{distributed.world_size()}: the same global batches, but batch norm sees other "
+            f"per-rank batches unless --sync-bn")
     return start_epoch, list(resumed.get("history") or [])
 
 
@@ -356,6 +421,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, Any]:
     cfg = run.cfg
     torch.manual_seed(cfg.seed + epoch)
     run.loader_gen.manual_seed(cfg.seed * 1000 + epoch)
+    distributed.start_epoch(run.train_loader, epoch)
     run.model.train()
     t0 = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -380,6 +446,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, Any]:
                             lr=f"{run.optimizer.param_groups[0]['lr']:.3g}")
     if bar is not None:
         bar.close()
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])  # all ranks'
     return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
             "train_top1": 100.0 * correct / max(seen, 1), "images": seen,
             "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
@@ -388,7 +455,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, Any]:
 def _step(run: _Run, images, labels, epoch: int, i: int):
     """One optimizer and scheduler step on a batch; returns (loss, logits)."""
     with _autocast(run.cfg.device, run.amp):
-        logits = run.model(images)
+        logits = (run.net or run.model)(images)
         loss = run.criterion(logits.float(), labels)
     if not torch.isfinite(loss):
         raise TrainError(f"{run.label}: loss became {float(loss)} at epoch {epoch + 1}, "
@@ -402,19 +469,24 @@ def _step(run: _Run, images, labels, epoch: int, i: int):
         loss.backward()
         run.optimizer.step()
     run.scheduler.step()
+    distributed.record_digest(run.model, epoch * run.steps + i)
     return loss, logits
 
 
 def _validate(run: _Run, progress: bool) -> Dict[str, Any]:
     """Validation metrics at the training resolution, as record columns."""
+    distributed.sync_buffers(run.model)  # torchrun: every rank evaluates rank 0's model
     val = evaluate(run.model, run.val_loader, run.cfg.device, run.amp, criterion=run.criterion,
                    progress=progress, desc=f"{run.label} val {run.cfg.resolution}px")
+    val = distributed.merge_eval(val)[0]  # torchrun: each rank evaluated its share
     return dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["topk"],
                 val_k=val["k"])
 
 
 def _save(run: _Run, epoch: int, history: List[Dict[str, Any]], common: Dict[str, Any]) -> None:
-    """Write the checkpoint of ``epoch`` finished epochs to ``cfg.out``."""
+    """Write the checkpoint of ``epoch`` finished epochs to ``cfg.out`` (rank 0 only)."""
+    if not distributed.is_main():
+        return
     ckpt_io.save_checkpoint(run.cfg.out, run.model, optimizer=run.optimizer,
                             scheduler=run.scheduler, epoch=epoch, history=history, **common)
 

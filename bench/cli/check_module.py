@@ -1,7 +1,8 @@
 """``attnbench check-module NAME``: the conformance kit (:mod:`attnbench.plugins.conformance`)."""
 from __future__ import annotations
 
-from attnbench.cli.args import parse_options, parse_stages
+from attnbench.cli.args import POSITIVE_INT, check_device, int_list, parse_options, \
+    parse_stages
 from attnbench.plugins.conformance import ModuleChecker, exit_code, report_text
 from attnbench.results import RESOLUTION_SWEEP
 
@@ -18,7 +19,7 @@ def register_cli(sub, parent) -> None:
                    help="module option, e.g. reduction=8 (repeatable)")
     p.add_argument("--stages", default=None,
                    help="stage selection: 3,4 | all | a preset | JSON mapping")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=10)
     p.add_argument("--resolutions", default=None, metavar="R1,R2,...",
                    help="input sides to sweep (default 168..448 step 28)")
     p.add_argument("--device", default="cpu")
@@ -30,7 +31,13 @@ def register_cli(sub, parent) -> None:
 def run(args) -> int:
     resolutions = RESOLUTION_SWEEP
     if args.resolutions:
-        resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+        resolutions = int_list(args.resolutions, "--resolutions", 8, "168,224")
+    check_device(args.device)
+    from attnbench.modules.builder import BACKBONES
+    if args.backbone.lower() not in BACKBONES:
+        from attnbench.modules.registry import UnknownNameError, unknown_name_message
+        raise UnknownNameError("--backbone: " + unknown_name_message("backbone", args.backbone,
+                                                                     BACKBONES))
     checker = ModuleChecker(args.name, backbone=args.backbone,
                             options=parse_options(args.option),
                             stages=parse_stages(args.stages), num_classes=args.num_classes,

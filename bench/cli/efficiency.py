@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List
 
-from attnbench.cli.args import parse_stages, parse_value
+from attnbench.cli.args import POSITIVE_FLOAT, POSITIVE_INT, check_device, int_list, \
+    number_type, parse_stages, parse_value
 from attnbench.modules.registry import OptionError
 
 
@@ -17,20 +18,20 @@ def register_cli(sub, parent) -> None:
                     "at each batch and mode, and prints the paired speed ratio with its 95 %% "
                     "interval beside the ratio its FLOPs allow.")
     p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--resolution", type=number_type(int, 8), default=224)
     p.add_argument("--batches", default="1,8", help="comma-separated (default 1,8)")
     p.add_argument("--modes", default="eval,train", help="comma-separated (default eval,train)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=POSITIVE_INT, default=None)
     p.add_argument("--module", action="append", default=[], metavar="NAME[:K=V,...]",
                    help="add a module variant, e.g. aw:formulation=taps (repeatable)")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="time only these registered names (repeatable; default: all)")
-    p.add_argument("--ci-target", type=float, default=0.015,
+    p.add_argument("--ci-target", type=POSITIVE_FLOAT, default=0.015,
                    help="stop adding rounds when every interval is within +-this (0.015)")
-    p.add_argument("--min-rounds", type=int, default=10)
-    p.add_argument("--max-rounds", type=int, default=400)
-    p.add_argument("--budget-s", type=float, default=120.0, help="seconds per group")
+    p.add_argument("--min-rounds", type=POSITIVE_INT, default=10)
+    p.add_argument("--max-rounds", type=POSITIVE_INT, default=400)
+    p.add_argument("--budget-s", type=POSITIVE_FLOAT, default=120.0, help="seconds per group")
     p.set_defaults(func=run)
 
 
@@ -49,15 +50,31 @@ def _extra(text: str):
     return name.strip(), opts, stages
 
 
+def _modes(text: str) -> tuple:
+    """``--modes``: ``eval``, ``train`` or both, comma-separated."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in ("eval", "train") for m in modes):
+        raise OptionError(f"--modes {text!r}: expected eval, train or eval,train")
+    return modes
+
+
 def run(args) -> int:
     from attnbench.matrix import efficiency as E
+    check_device(args.device)
+    if args.min_rounds > args.max_rounds:
+        raise OptionError(f"--min-rounds {args.min_rounds} is above --max-rounds "
+                          f"{args.max_rounds}")
     s = E.Settings(backbone=args.backbone, resolution=args.resolution,
-                   batches=tuple(int(b) for b in args.batches.split(",")),
-                   modes=tuple(m.strip() for m in args.modes.split(",")), device=args.device,
+                   batches=tuple(int_list(args.batches, "--batches")),
+                   modes=_modes(args.modes), device=args.device,
                    threads=args.threads, min_rounds=args.min_rounds,
                    ci_target=args.ci_target, max_rounds=args.max_rounds,
                    budget_s=args.budget_s)
     modules = [m for m in E.default_modules() if not args.only or m[0] in args.only]
+    unknown = sorted(set(args.only) - {m[0] for m in E.default_modules()})
+    if unknown:
+        raise OptionError(f"--only {', '.join(unknown)}: not a module of configs/default.toml "
+                          f"({', '.join(dict.fromkeys(m[0] for m in E.default_modules()))})")
     modules += [_extra(t) for t in args.module]
     limits = E.flops_limits(E.flops_rows(s, modules))
     rows = E.ratio_rows(s, modules, progress=lambda t: print(t, file=sys.stderr, flush=True))

@@ -1,6 +1,8 @@
 """``attnbench report``: write tables and plots from ``results/`` into ``reports/``."""
 from __future__ import annotations
 
+import sys
+
 from attnbench.report.build import DEFAULT_FORMATS, generate, parse_formats
 
 
@@ -26,6 +28,8 @@ def register_cli(sub, parent) -> None:
 def run(args) -> int:
     result = generate(args.results, args.out, runs=args.run, latex=args.latex,
                       formats=parse_formats(args.formats))
+    for note in result.notes:  # also in the report: runs skipped, rows not taken as they are
+        print(f"attnbench: note: {note.replace('`', '')}", file=sys.stderr)
     print(f"wrote {result.readme} ({len(result.groups)} report(s), {len(result.tables)} "
           f"table(s), {len(result.plots)} plot file(s))")
     return 0

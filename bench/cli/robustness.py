@@ -6,8 +6,10 @@ import argparse
 
 import torch
 
-from attnbench.accuracy.robustness import RobustnessError, accuracy_tables, \
-    evaluate_checkpoints, parse_resolutions
+from attnbench.accuracy.distributed import is_main
+from attnbench.accuracy.robustness import RobustnessError, accuracy_tables, check_inputs, \
+    evaluate_checkpoints, parse_resolutions, relative_sweep
+from attnbench.cli.args import NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, check_device
 from attnbench.results import load_rows
 
 
@@ -30,12 +32,12 @@ def register_cli(sub, parent) -> None:
                    help="the relative sweep 0.75x..2x of TRAIN_RES in steps of TRAIN_RES/8, "
                         "rounded to multiples of 4 ('auto': each checkpoint's own training "
                         "resolution)")
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop-pct", type=POSITIVE_FLOAT, default=0.875)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=NONNEG_INT, default=0)
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     p.add_argument("--results", default="results", help="results store folder")
     p.add_argument("--run-id", default=None,
                    help="run folder name (default <UTC time>-robustness); an existing run "
@@ -58,14 +60,21 @@ def _scale_from(text):
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise RobustnessError("--device cuda: no CUDA device is available here")
+    check_device(args.device)
     resolutions = None if args.scale_from else parse_resolutions(args.resolutions)
+    scale_from = _scale_from(args.scale_from)
+    if isinstance(scale_from, int):
+        relative_sweep(scale_from)  # validates it
+    check_inputs(args.checkpoints, args.data)  # before any row is written
+    from attnbench.results import check_writable
+    check_writable(args.results, "--results", folder=True)
     rows, run_dir = evaluate_checkpoints(
         args.checkpoints, args.data, resolutions=resolutions,
-        scale_from=_scale_from(args.scale_from), crop_pct=args.crop_pct,
+        scale_from=scale_from, crop_pct=args.crop_pct,
         batch_size=args.batch_size, device=args.device, amp=args.amp, workers=args.workers,
         results=args.results, run_id=args.run_id, progress=not args.no_progress)
+    if not is_main():  # torchrun: rank 0 wrote the rows and prints the tables
+        return 1 if any(r["status"] == "failed" for r in rows) else 0
     all_rows = load_rows(run_dir / "rows.jsonl")
     print(accuracy_tables(all_rows, "top1"))
     print(f"\nrows: {run_dir / 'rows.jsonl'} ({len(all_rows)} rows)")

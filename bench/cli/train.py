@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
+from attnbench.accuracy.distributed import is_main
 from attnbench.accuracy.train import TrainConfig, TrainError, config_fields, resume_settings, \
     train
-from attnbench.cli.args import parse_options, parse_value
+from attnbench.cli.args import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, \
+    check_device, parse_options, parse_stages
 
 
 def register_cli(sub, parent) -> None:
@@ -34,31 +36,40 @@ def register_cli(sub, parent) -> None:
                         "(e.g. --option variant=joint --option steps=2)")
     add("--stages", "stage selection as JSON (e.g. '[3,4]'), 'all' or a preset name",
         "the module's default stages")
-    add("--resolution", "training resolution", d.resolution, type=int)
+    add("--resolution", "training resolution", d.resolution, type=POSITIVE_INT)
     add("--crop-pct", "validation: resize to int(res/crop_pct), centre-crop res", d.crop_pct,
-        type=float)
+        type=POSITIVE_FLOAT)
     add("--rrc-scale", "RandomResizedCrop area scale range LO,HI", "0.08,1.0")
-    add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=int)
-    add("--batch-size", "batch size", d.batch_size, type=int)
-    add("--lr", "peak learning rate (after warm-up)", "0.1 * batch-size / 256", type=float)
-    add("--momentum", "SGD momentum", d.momentum, type=float)
-    add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=float)
-    add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=float)
+    add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=POSITIVE_INT)
+    add("--batch-size", "batch size (under torchrun the global batch, split over the ranks)",
+        d.batch_size, type=POSITIVE_INT)
+    add("--lr", "peak learning rate (after warm-up)", "0.1 * batch-size / 256",
+        type=POSITIVE_FLOAT)
+    add("--momentum", "SGD momentum", d.momentum, type=NONNEG_FLOAT)
+    add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=NONNEG_FLOAT)
+    add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=NONNEG_FLOAT)
     add("--label-smoothing", "CrossEntropyLoss label smoothing", d.label_smoothing,
-        type=float)
+        type=NONNEG_FLOAT)
     add("--out", "checkpoint path, rewritten every epoch", f"{d.out}, or --resume's path")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue training from this checkpoint (same model and data)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even with other training settings than the "
+                        "checkpoint's (resolution, batch size, lr...), recorded in it")
     add("--device", "cpu, cuda or cuda:N", d.device)
     p.add_argument("--amp", action="store_true", default=S,
                    help="float16 autocast + GradScaler (CUDA only; ignored on the CPU)")
-    add("--workers", "DataLoader workers", d.workers, type=int)
+    add("--workers", "DataLoader workers", d.workers, type=NONNEG_INT)
     add("--seed", "seed", d.seed, type=int)
-    add("--limit-batches", "at most this many batches per epoch (smoke tests)", type=int)
-    add("--eval-every", "validate every N epochs (and after the last)", d.eval_every, type=int)
+    add("--limit-batches", "at most this many batches per epoch (smoke tests)", type=POSITIVE_INT)
+    add("--eval-every", "validate every N epochs (and after the last; 0: after the last only)",
+        d.eval_every, type=NONNEG_INT)
     add("--threads", "torch CPU threads (1 is much faster on an oversubscribed machine)",
-        "torch's choice", type=int)
+        "torch's choice", type=POSITIVE_INT)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--sync-bn", action="store_true", default=S,
+                   help="under torchrun: batch norm with the statistics of the global batch "
+                        "(torch's SyncBatchNorm on CUDA, attnbench's own on the CPU)")
     p.set_defaults(func=run)
 
 
@@ -68,7 +79,7 @@ def config_from_args(args) -> TrainConfig:
     names = set(config_fields())
     kw: Dict[str, Any] = resume_settings(given["resume"]) if given.get("resume") else {}
     if "stages" in given:
-        given["stages"] = parse_value(given["stages"])
+        given["stages"] = parse_stages(given["stages"])
     if "rrc_scale" in given:
         given["rrc_scale"] = _rrc_scale(given["rrc_scale"])
     if "option" in given:
@@ -91,8 +102,12 @@ def _rrc_scale(text: Any) -> list:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    ckpt = train(cfg, progress=not args.no_progress)
+    check_device(cfg.device)
+    ckpt = train(cfg, progress=not args.no_progress,
+                 allow_changes=getattr(args, "allow_changes", False))
     last = ckpt["history"][-1] if ckpt.get("history") else {}
+    if not is_main():  # torchrun: rank 0 wrote the checkpoint and says so
+        return 0
     print(f"wrote {cfg.out} ({ckpt['label']}, epoch {ckpt['epoch']}"
           + (f", val top1 {last['val_top1']:.1f}%" if "val_top1" in last else "") + ")")
     return 0

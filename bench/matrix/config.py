@@ -21,6 +21,13 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     interleave = true                 # time the modules of a comparison in rotated rounds
     timeout_s = 600                   # per cell (per group when interleaved)
 
+    [settings]                        # applied in each worker before latency/memory cells
+    cudnn_benchmark = true            # torch.backends.cudnn.benchmark (autotuned kernels)
+    tf32_cudnn = false                # TF32 convolutions (torch.backends.cudnn.allow_tf32)
+    matmul_precision = "highest"      # torch.set_float32_matmul_precision: "highest" = fp32,
+                                      # "high" = TF32 matmuls (CPU: also oneDNN), "medium"
+    # tf32_matmul = false             # the same as matmul_precision "highest" (true: "high")
+
     [[modules]]
     name = "se"
     [[modules]]
@@ -47,7 +54,10 @@ resolution, batch and mode (``params`` / ``flops`` cells: batch 1, mode null). I
 is a short sha256 of its canonical JSON keys, so the same cell in two runs (or two
 sweeps) has the same id. With ``interleave`` on, the latency cells of all modules
 sharing backbone, resolution, batch, mode and timing settings form one *group*
-(``cell.group``), timed together.
+(``cell.group``), timed together. Where a config counts FLOPs and also times (or
+measures the memory of) a training step, each such model and resolution gets a
+``flops`` cell in mode ``train`` too: forward + backward per image. The ``[settings]``
+of latency and memory cells join their ids only when they differ from the defaults.
 """
 from __future__ import annotations
 
@@ -62,7 +72,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 from attnbench.modules.registry import AttnbenchError
 from attnbench.results import (METRICS, MODES, STATIC_METRICS, Cell,  # noqa: F401
-                               canonical_options, cell_id, short_hash)
+                               SETTING_DEFAULTS, canonical_json, canonical_options, cell_id,
+                               short_hash)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,8 +85,11 @@ CONFIG_DIR = Path(str(importlib.resources.files("attnbench.configs")))
 
 TOP_KEYS = {"name", "description", "device", "backbones", "num_classes", "threads", "amp",
             "channels_last", "baseline", "timing", "modules", "sweeps",
-            "resolutions", "batches", "modes", "metrics"}
-TIMING_KEYS = {"warmup", "repeats", "min_run_time", "interleave", "timeout_s"}
+            "resolutions", "batches", "modes", "metrics", "settings"}
+SETTINGS_KEYS = {"cudnn_benchmark", "tf32_cudnn", "tf32_matmul", "matmul_precision"}
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+TIMING_KEYS = {"warmup", "repeats", "min_run_time", "interleave", "timeout_s", "ci_target",
+               "max_rounds", "budget_s"}
 MODULE_KEYS = {"name", "options", "stages", "backbones", "label"}
 SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMING_KEYS
 TIMING_DEFAULTS = {"warmup": 2, "repeats": 5, "min_run_time": 0.0, "interleave": True,
@@ -131,6 +145,7 @@ class Config:
     modules: List[ModuleEntry]
     sweeps: List[Sweep]
     raw: Dict[str, Any] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=lambda: dict(SETTING_DEFAULTS))
 
     @property
     def where(self) -> str:
@@ -159,6 +174,10 @@ def load_config(path: Any) -> Config:
         raise ConfigError(f"{p}: no such config file (built-in configs: {known})") from None
     except OSError as err:
         raise ConfigError(f"{p}: cannot read config: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not a TOML config: not UTF-8 text (byte {err.start} is "
+                          f"{err.object[err.start:err.start + 1]!r}); is it a binary file?") \
+            from None
     return parse_config(text, p)
 
 
@@ -264,7 +283,8 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
     return Config(path=path, text=text, name=top.name, device=top.device,
                   backbones=top.backbones, num_classes=top.num_classes, threads=top.threads,
                   amp=top.amp, channels_last=top.channels_last, timing=timing,
-                  modules=entries, sweeps=sweeps, raw=data)
+                  modules=entries, sweeps=sweeps, raw=data,
+                  settings=_settings(ck, data.get("settings", {})))
 
 
 def _top_level(ck: _Checker, data: Mapping[str, Any], path: Optional[Path]) -> SimpleNamespace:
@@ -278,6 +298,12 @@ def _top_level(ck: _Checker, data: Mapping[str, Any], path: Optional[Path]) -> S
     device = data.get("device", "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise ck.fail("device", f"must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == "mps":
+        from attnbench.profilers.env import DeviceError, check_device
+        try:
+            check_device(device)
+        except DeviceError as err:
+            raise ck.fail("device", str(err)) from None
     backbones = _backbones(ck, data.get("backbones", ["resnet50"]))
     num_classes = ck.int_(data.get("num_classes", 1000), "num_classes", 1)
     threads = data.get("threads")
@@ -395,6 +421,47 @@ def _timing(ck: _Checker, raw: Mapping[str, Any], base: Dict[str, Any], key: str
         out["interleave"] = ck.bool_(raw["interleave"], k("interleave"))
     if "timeout_s" in raw:
         out["timeout_s"] = ck.num(raw["timeout_s"], k("timeout_s"), 0.0, strict=True)
+    _rounds_keys(ck, raw, out, k)
+    return out
+
+
+def _rounds_keys(ck: _Checker, raw: Mapping[str, Any], out: Dict[str, Any], k) -> None:
+    """The adaptive-rounds keys: ``ci_target`` (relative half-width of the ratio's 95 %
+    interval, e.g. 0.015), ``max_rounds`` and ``budget_s`` (seconds per group)."""
+    if "ci_target" in raw:
+        out["ci_target"] = ck.num(raw["ci_target"], k("ci_target"), 0.0, strict=True)
+        if out["ci_target"] >= 1:
+            raise ck.fail(k("ci_target"), f"is a fraction (0.015 = +-1.5 %), got "
+                                          f"{raw['ci_target']!r}")
+    if "max_rounds" in raw:
+        out["max_rounds"] = ck.int_(raw["max_rounds"], k("max_rounds"), 1)
+    if "budget_s" in raw:
+        out["budget_s"] = ck.num(raw["budget_s"], k("budget_s"), 0.0, strict=True)
+
+
+def _settings(ck: _Checker, raw: Any) -> Dict[str, Any]:
+    """The ``[settings]`` table over :data:`SETTING_DEFAULTS`; ``tf32_matmul`` is another
+    name for ``matmul_precision`` "highest" (false) or "high" (true)."""
+    if not isinstance(raw, dict):
+        raise ck.fail("settings", "must be a table")
+    ck.keys(raw, SETTINGS_KEYS, "settings")
+    out = dict(SETTING_DEFAULTS)
+    for key in ("cudnn_benchmark", "tf32_cudnn"):
+        if key in raw:
+            out[key] = ck.bool_(raw[key], f"settings.{key}")
+    if "matmul_precision" in raw:
+        if raw["matmul_precision"] not in MATMUL_PRECISIONS:
+            raise ck.fail("settings.matmul_precision", f"must be one of "
+                          f"{', '.join(MATMUL_PRECISIONS)}, got {raw['matmul_precision']!r}")
+        out["matmul_precision"] = raw["matmul_precision"]
+    if "tf32_matmul" in raw:
+        tf32 = ck.bool_(raw["tf32_matmul"], "settings.tf32_matmul")
+        if "matmul_precision" in raw and tf32 != (out["matmul_precision"] != "highest"):
+            raise ck.fail("settings.tf32_matmul", f"contradicts matmul_precision = "
+                          f"{out['matmul_precision']!r} (TF32 matmuls are precision 'high' "
+                          f"or 'medium'); give one of the two")
+        if "matmul_precision" not in raw:
+            out["matmul_precision"] = "high" if tf32 else "highest"
     return out
 
 
@@ -427,6 +494,10 @@ def _module_entry(ck: _Checker, m: Mapping[str, Any], key: str,
     stages = m.get("stages")
     if stages is not None:
         _check_stages(ck, f"{key}.stages", name, stages, backbones)
+    for b in backbones if name != "none" else ():
+        error = model_error(b, name, full, stages)
+        if error:
+            raise ck.fail(f"{key}.options", f"{error} (backbone {b})")
     if "label" in m:
         if not isinstance(m["label"], str) or not m["label"].strip():
             raise ck.fail(f"{key}.label", f"must be a non-empty string, got {m['label']!r}")
@@ -465,6 +536,39 @@ def _check_stages(ck: _Checker, key: str, name: str, stages: Any,
             raise ck.fail(key, f"{type(err).__name__}: {err} (backbone {b})") from None
 
 
+_BUILT: Dict[str, Tuple[Any, Optional[str]]] = {}  # model key -> (its spec, why it fails)
+
+
+def model_error(backbone: str, name: str, options: Mapping[str, Any],
+                stages: Any) -> Optional[str]:
+    """Why ``build_model(backbone, name, stages, **options)`` fails, or None: the module
+    factory's own checks of its options (td ``m=9``, se ``reduction=0`` or larger than a
+    layer's channels...), made once per model at config load instead of in every cell.
+    Built on the meta device (no memory, no initialisation), on the CPU if that fails."""
+    import torch
+
+    from attnbench.modules.builder import build_model
+    from attnbench.modules.registry import REGISTRY
+    spec = REGISTRY.get(name)
+    key = canonical_json([backbone, name, dict(options), stages])
+    if key in _BUILT and _BUILT[key][0] is spec:
+        return _BUILT[key][1]
+    error = None
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                build_model(backbone, name, stages, **dict(options))
+            error = None
+            break
+        except AttnbenchError as err:
+            error = str(err)
+            break
+        except Exception as err:  # noqa: BLE001 - a factory that fails for these options
+            error = f"{type(err).__name__}: {err}"
+    _BUILT[key] = (spec, error)
+    return error
+
+
 # --------------------------------------------------------------------------- expansion
 
 def expand(config: Config, only: Optional[Sequence[str]] = None) -> List[Cell]:
@@ -477,9 +581,25 @@ def expand(config: Config, only: Optional[Sequence[str]] = None) -> List[Cell]:
             if cell.id not in seen:
                 seen.add(cell.id)
                 cells.append(cell)
+    for cell in _train_flop_cells(cells):
+        if cell.id not in seen:
+            seen.add(cell.id)
+            cells.append(cell)
     if only:
         cells = apply_filters(cells, parse_filters(only), config.where)
     return cells
+
+
+def _train_flop_cells(cells: List[Cell]) -> Iterator[Cell]:
+    """Where a config counts FLOPs and times (or measures the memory of) a training step:
+    a ``flops`` cell in mode ``train`` at that resolution (batch 1: forward + backward
+    per image, torch's counter), made from the model's forward ``flops`` cell."""
+    def model(c: Cell):
+        return (c.backbone, c.module, short_hash(c.options), short_hash(c.stages))
+    counted = {model(c): c for c in cells if c.metrics == ("flops",) and c.mode is None}
+    for c in cells:
+        if c.mode == "train" and c.metrics[0] in ("latency", "memory") and model(c) in counted:
+            yield counted[model(c)].replace(resolution=c.resolution, mode="train")
 
 
 def _points(sweep: Sweep) -> Iterator[Tuple[str, str, int, int, Optional[str]]]:
@@ -502,7 +622,9 @@ def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
         if metric == "latency" and t["interleave"]:
             group = "g" + short_hash([backbone, resolution, batch, mode, config.device, t,
                                       config.amp, config.channels_last, config.threads,
-                                      config.num_classes], 10)
+                                      config.num_classes]
+                                     + [v for k, v in config.settings.items()
+                                        if v != SETTING_DEFAULTS[k]], 10)
         timed = metric == "latency"  # timing settings apply to latency cells only
         for entry in config.modules:
             if entry.backbones is not None and backbone not in entry.backbones:
@@ -513,9 +635,13 @@ def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
                 batch=batch, mode=mode, device=config.device, metrics=(metric,),
                 warmup=t["warmup"] if timed else None,
                 repeats=t["repeats"] if timed else None,
-                min_run_time=t["min_run_time"] if timed else None, amp=config.amp,
+                min_run_time=t["min_run_time"] if timed else None,
+                ci_target=t.get("ci_target") if timed else None,
+                max_rounds=t.get("max_rounds") if timed else None,
+                budget_s=t.get("budget_s") if timed else None, amp=config.amp,
                 channels_last=config.channels_last, threads=config.threads,
-                num_classes=config.num_classes, timeout_s=t["timeout_s"], group=group)
+                num_classes=config.num_classes, timeout_s=t["timeout_s"], group=group,
+                **(config.settings if metric in ("latency", "memory") else {}))
 
 
 def parse_filters(only: Sequence[str]) -> Dict[str, List[str]]:

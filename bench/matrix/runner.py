@@ -24,6 +24,7 @@ same ``--run-id``: cells with rows are not redone, failed ones only with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from attnbench import results as R
 from attnbench.matrix.config import Config, ConfigError, expand, load_config, units
+from attnbench.matrix.lock import RunLock
 from attnbench.matrix.worker import MeasureSpec, RunnerError, Worker
 from attnbench.results import Cell, canonical_json
 
@@ -42,7 +44,8 @@ __all__ = ["FAILED_METRIC", "EXIT_FAILED", "EXIT_INTERRUPTED", "RunnerError", "R
 
 #: the schema's metric and unit a failed cell of each config metric is recorded under
 FAILED_METRIC = {"params": ("params", "count"), "flops": ("flops", "GMac"),
-                 "latency": ("latency", "ms"), "memory": ("peak_memory", "MiB")}
+                 "latency": ("latency", "ms"),
+                 "memory": ("peak_tensor_memory", "MiB")}   # cuda_max_allocated on CUDA
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -62,7 +65,24 @@ def _failed_cells(cells: Sequence[Cell], run_id: str, error: str) -> List[Row]:
     for cell in cells:
         metric = cell.metrics[0]
         pair = FAILED_METRIC.get(metric, (metric, None))
-        out.extend(R.failed_rows(_cell_base(cell, run_id), [pair], error))
+        if metric == "memory":  # CPU and CUDA figures have names of their own
+            from attnbench.profilers.memory import metric_names
+            pair = metric_names(cell.device)[0]
+        elif metric == "flops" and cell.mode == "train":  # forward + backward
+            pair = ("flops_train", "GMac")
+        out.extend(R.failed_rows(_cell_base(cell, run_id), [pair], error,
+                                 **_cell_settings(cell)))
+    return out
+
+
+def _cell_settings(cell: Cell) -> Row:
+    """The settings a timed cell is measured with, as row columns (none for params and
+    FLOPs), so that its failed rows carry the identity its measured rows would."""
+    if cell.metrics[0] in R.STATIC_METRICS:
+        return {}
+    out: Row = {"threads": cell.threads, "amp": bool(cell.amp),
+                "channels_last": bool(cell.channels_last)}
+    out.update(cell.settings())
     return out
 
 
@@ -235,7 +255,8 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
                plugins: Sequence[str] = (), progress: bool = True,
                max_units: Optional[int] = None,
                after_unit: Optional[Callable[[int], None]] = None,
-               out=None) -> RunSummary:
+               out=None, backend: str = "local", address: Optional[str] = None,
+               allow_env_change: bool = False) -> RunSummary:
     """Run (or resume) a config; returns a :class:`RunSummary` (``exit_code``).
 
     ``measure`` / ``measure_group``: callables or ``"module:function"`` strings
@@ -244,7 +265,11 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
     module-level functions (pickled by reference). With ``measure`` alone, grouped cells
     are measured one by one. ``max_units`` stops after that many units (as if
     interrupted, exit code 130); ``after_unit(n)`` is called after each persisted unit
-    (tests raise KeyboardInterrupt from it).
+    (tests raise KeyboardInterrupt from it). The run folder is locked while the run goes
+    on (:mod:`attnbench.matrix.lock`); a resumed run refuses another device, torch version
+    or thread count than its env.json records unless ``allow_env_change``.
+    ``backend``: ``"local"`` (a process pool here) or ``"ray"``
+    (:mod:`attnbench.matrix.ray_backend`, the cluster at ``address``).
     """
     out = out or sys.stdout
     t0 = time.monotonic()
@@ -253,17 +278,20 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
     if not cells:
         raise ConfigError(f"{cfg.where}: the config expands to no cells")
     results_dir = Path(results_dir)
+    run_units = None if dry_run else _backend(backend, address, out, cells)  # before writing
     run_id = _run_id(cfg, results_dir, run_id, resume, dry_run, out)
-    run = _open_run(cfg, cells, results_dir / run_id, run_id)
-    todo = [u for u in units(cells) if not all(run.finished(c, retry_failed) for c in u)]
-    run.summary.skipped = len(cells) - sum(len(u) for u in todo)
-    if dry_run:
-        _print_plan(run, todo, out)
-        run.summary.wall_s = time.monotonic() - t0
-        return run.summary
-    _start(run, out)
-    _run_units(run, todo, _Measurement(measure, measure_group, tuple(plugins)),
-               timeout=timeout, progress=progress, max_units=max_units, after_unit=after_unit)
+    with (contextlib.nullcontext() if dry_run else _locked(results_dir / run_id, out)):
+        run = _open_run(cfg, cells, results_dir / run_id, run_id)
+        todo = [u for u in units(cells) if not all(run.finished(c, retry_failed) for c in u)]
+        run.summary.skipped = len(cells) - sum(len(u) for u in todo)
+        if dry_run:
+            _print_plan(run, todo, out)
+            run.summary.wall_s = time.monotonic() - t0
+            return run.summary
+        _start(run, out, allow_env_change)
+        run_units(run, todo, _Measurement(measure, measure_group, tuple(plugins)),
+                  timeout=timeout, progress=progress, max_units=max_units,
+                  after_unit=after_unit)
     _tally(run)
     run.summary.wall_s = time.monotonic() - t0
     shown = str(config) if not isinstance(config, Config) else str(cfg.path or "CONFIG")
@@ -313,14 +341,45 @@ def _print_plan(run: _Run, todo: List[List[Cell]], out) -> None:
             head = " " * len(head)
 
 
-def _start(run: _Run, out) -> None:
+@contextlib.contextmanager
+def _locked(run_dir: Path, out):
+    """Hold the lock of ``run_dir`` for the block (a stale one is taken over, saying so)."""
+    with RunLock(run_dir) as lock:
+        if lock.stale:
+            print(f"attnbench: {run_dir}: taking over a stale lock (runner pid "
+                  f"{lock.stale.get('pid')} on {lock.stale.get('host')} is gone)", file=out)
+        yield lock
+
+
+def _start(run: _Run, out, allow_env_change: bool = False) -> None:
     """Create the run folder with env.json and the config; say when resuming."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_env(run.run_dir, run.cfg, run.run_id)
+    _write_env(run.run_dir, run.cfg, run.run_id, allow_env_change)
     R.atomic_write_text(run.run_dir / R.CONFIG_FILE, run.cfg.text)
     if run.summary.skipped:
         print(f"attnbench: resuming {run.run_dir}: {run.summary.skipped} of {len(run.cells)} "
               f"cells already done", file=out, flush=True)
+
+
+# --- backend switch (issue 14): the local process pool below, or Ray (matrix/ray_backend.py)
+
+BACKENDS = ("local", "ray")
+
+
+def _backend(backend: str, address: Optional[str], out,
+             cells: Sequence[Cell] = ()) -> Callable[..., None]:
+    """The function that measures and saves the units of the run (for Ray: connected,
+    so that a bad address or device fails before anything is written)."""
+    if backend not in BACKENDS:
+        raise RunnerError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "local":
+        if address:
+            raise RunnerError(f"--address {address}: only with --backend ray")
+        return _run_units
+    from attnbench.matrix import ray_backend
+    return ray_backend.backend(address, out, cells)
+
+# --- end of the backend switch
 
 
 def _run_units(run: _Run, todo: List[List[Cell]], how: _Measurement, *,
@@ -369,15 +428,22 @@ def _measure_unit(unit: List[Cell], run: _Run, limit: float, how: _Measurement) 
     except BaseException:
         worker.close()
         raise
+    return unit_rows(unit, run.run_id, kind, payload, cpu, round(time.monotonic() - started, 3))
+
+
+def unit_rows(unit: List[Cell], run_id: str, kind: str, payload: Any, cpu: Optional[float],
+              wall: Optional[float]) -> List[Row]:
+    """The rows of a unit from its worker's answer (``Worker.run``; failed rows unless
+    ``kind`` is ``"rows"``), with the unit's wall time (worker start included) and the
+    worker's CPU time."""
     if kind == "rows":
         try:
-            new = complete_rows(payload, unit, run.run_id)
+            new = complete_rows(payload, unit, run_id)
         except R.ResultsError as err:
-            new = _failed_cells(unit, run.run_id, f"invalid measurement rows: {err}")
+            new = _failed_cells(unit, run_id, f"invalid measurement rows: {err}")
     else:
-        new = _failed_cells(unit, run.run_id, str(payload))
-    wall = round(time.monotonic() - started, 3)
-    for r in new:  # the whole unit's wall time (worker start included), CPU time
+        new = _failed_cells(unit, run_id, str(payload))
+    for r in new:
         r["unit_wall_s"] = wall
         r["unit_cpu_s"] = cpu
     return new
@@ -400,20 +466,47 @@ def _tally(run: _Run) -> None:
                               f"{r['metric']}: {r['error']}")
 
 
-def _write_env(run_dir: Path, cfg: Config, run_id: str) -> None:
+#: what a resumed run must share with its env.json (unless ``allow_env_change``)
+ENV_CHECK_KEYS = ("device", "device_name", "torch", "threads")
+
+
+def _env_changes(run_dir: Path, old: Mapping[str, Any], env: Mapping[str, Any],
+                 allow: bool) -> Dict[str, List[Any]]:
+    """``{key: [recorded, now]}`` of :data:`ENV_CHECK_KEYS` that differ; RunnerError
+    unless ``allow``."""
+    changed = {k: [old.get(k), env.get(k)] for k in ENV_CHECK_KEYS
+               if k in old and old.get(k) != env.get(k)}
+    if changed and not allow:
+        text = "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+        raise RunnerError(f"{run_dir}: cannot resume in another environment ({text}): its "
+                          f"rows would mix measurements; start a new --run-id, or pass "
+                          f"--allow-env-change to resume anyway (recorded in env.json)")
+    return changed
+
+
+def _write_env(run_dir: Path, cfg: Config, run_id: str, allow_env_change: bool = False) -> None:
+    """env.json of a new run; on resume, the recorded one with this session (and any
+    allowed change of environment) added. ``settings`` and ``config_cells`` (the ids of
+    every cell of the config) are those of the latest session."""
     from attnbench.profilers.env import collect_env
     env = collect_env(cfg.text, cfg.path, cfg.device, run_id=run_id)
     if cfg.threads is not None:
         env["threads"] = cfg.threads
     old = R.load_env(run_dir)
     if old:
+        changed = _env_changes(run_dir, old, env, allow_env_change)
         sessions = list(old.get("sessions") or [])
         sessions.append({k: env[k] for k in ("created", "commit", "dirty", "hostname",
                                              "config_hash")})
+        if changed:
+            sessions[-1]["env_changed"] = changed
+            old["env_changed"] = True
         old["sessions"] = sessions
         if old.get("config_hash") != env["config_hash"]:
             old["config_changed"] = True
         env = old
+    env["settings"] = dict(cfg.settings)
+    env["config_cells"] = sorted(c.id for c in expand(cfg))
     R.write_env(run_dir, env)
 
 

@@ -5,6 +5,18 @@ once (``spawn`` where there is no forkserver), so it starts in a fraction of a s
 with clean state. It receives a unit -- a list of :meth:`Cell.to_dict` dicts -- and
 answers ``("rows", rows, cpu seconds)`` or ``("error", "Type: message")``; the parent
 (:class:`Worker`) turns a death or a timeout into ``("failed", text)``.
+
+Before each unit the worker applies the cells' backend settings (cudnn.benchmark, TF32,
+matmul precision: :func:`attnbench.profilers.env.apply_settings`) and adds the settings
+in effect to the rows of latency and memory cells.
+
+No worker outlives its runner by more than a second or so, whatever kills the runner
+(``kill -9`` included): on Linux the worker asks for SIGKILL when its parent (the
+forkserver, which exits when the runner's end of its pipe closes) dies
+(``prctl(PR_SET_PDEATHSIG)``), and on every platform a watchdog thread checks every
+0.5 s that the runner's pid is still running (not gone, not a zombie, same start time)
+and kills the worker when it is not. The forkserver, which imports this module first,
+asks for SIGKILL when the runner dies too (instead of exiting at its next wake-up).
 """
 from __future__ import annotations
 
@@ -12,6 +24,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -25,6 +38,8 @@ MeasureSpec = Union[None, str, Callable[..., Any]]
 DEFAULT_MEASURE = "attnbench.matrix.measure:measure_cell"
 DEFAULT_MEASURE_GROUP = "attnbench.matrix.measure:measure_group"
 WORKER_START_TIMEOUT = 600.0
+#: seconds between the watchdog's checks that the runner is alive
+WATCH_INTERVAL = 0.5
 #: what the forkserver imports for the default measurement
 _PRELOAD = ["attnbench.modules", "attnbench.matrix.worker", "attnbench.matrix.measure",
             "fvcore.nn", "ptflops"]
@@ -33,8 +48,6 @@ _PRELOAD = ["attnbench.modules", "attnbench.matrix.worker", "attnbench.matrix.me
 class RunnerError(R.ResultsError):
     """A run that cannot start (bad run folder, bad options, a worker that cannot start)."""
 
-
-# --------------------------------------------------------------------------- worker side
 
 def _resolve(spec: MeasureSpec) -> Optional[Callable[..., Any]]:
     """A callable, or the function a ``"module:function"`` string names."""
@@ -47,10 +60,87 @@ def _resolve(spec: MeasureSpec) -> Optional[Callable[..., Any]]:
     return obj
 
 
+# --------------------------------------------------------------------------- lifeline
+
+def die_with_parent() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent exits
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _imported_by_forkserver() -> bool:
+    """Whether this import is the preload of a multiprocessing forkserver."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "main" and code.co_filename.endswith("forkserver.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _imported_by_forkserver():  # the forkserver dies with the runner that started it
+    die_with_parent()
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """``(state, start time)`` field text of ``/proc/<pid>/stat``; None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return f"{fields[0]} {fields[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, started: Optional[str] = None) -> bool:
+    """Whether ``pid`` runs (a zombie does not; with ``started``, the start time recorded
+    by :func:`_start_time` must match, so a reused pid does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = _start_time(pid)
+    if stat is None:
+        return True
+    state, _, start = stat.partition(" ")
+    if state in ("Z", "X"):
+        return False
+    return started is None or start == started.partition(" ")[2]
+
+
+def watch_runner(pid: int, interval: float = WATCH_INTERVAL) -> threading.Thread:
+    """A daemon thread that SIGKILLs this process once ``pid`` no longer runs."""
+    started = _start_time(pid)
+
+    def watch() -> None:
+        while pid_alive(pid, started):
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+    thread = threading.Thread(target=watch, name="attnbench-runner-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------- worker side
+
 def _worker_main(conn, measure: MeasureSpec, measure_group: MeasureSpec,
                  plugins: Sequence[str], log_path: Optional[str],
-                 environ: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> None:
+                 environ: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+                 runner_pid: Optional[int] = None) -> None:
     """Loop of the worker process: receive a unit (list of cell dicts), send back rows."""
+    die_with_parent()
+    if runner_pid is not None:
+        watch_runner(runner_pid)
     _prepare(environ, cwd, log_path)
     functions = _setup(conn, measure, measure_group, plugins)
     if functions is None:
@@ -123,15 +213,21 @@ def _measure_unit(cells: List[Cell], cell_fn: Callable[..., Any],
     """The rows of one unit: a single cell, an interleaved group, or (no group
     function) the group's cells one by one."""
     print(f"--- unit {', '.join(c.id for c in cells)}: "
-          f"{cells[0].describe()}{' ...' if len(cells) > 1 else ''}", flush=True)
+          f"{cells[0].describe()}{' ...' if len(cells) > 1 else ''} (pid {os.getpid()})",
+          flush=True)
+    from attnbench.profilers.env import apply_settings
+    in_effect = apply_settings(cells[0].settings())
     if len(cells) == 1 and not cells[0].group:
-        return cell_fn(cells[0])
-    if group_fn is not None:
-        return group_fn(cells)
-    rows: List[Mapping[str, Any]] = []
-    for c in cells:
-        rows.extend(cell_fn(c))
-    return rows
+        rows = list(cell_fn(cells[0]))
+    elif group_fn is not None:
+        rows = list(group_fn(cells))
+    else:
+        rows = []
+        for c in cells:
+            rows.extend(cell_fn(c))
+    if cells[0].matmul_precision is None:  # an untimed cell: the settings change nothing
+        return rows
+    return [dict(in_effect, **r) for r in rows]
 
 
 def _cpu_seconds() -> Optional[float]:
@@ -180,7 +276,7 @@ class Worker:
         self.proc = ctx.Process(target=_worker_main, name="attnbench-worker", daemon=True,
                                 args=(child, measure, measure_group, list(plugins),
                                       str(log_path) if log_path else None,
-                                      dict(os.environ), os.getcwd()))
+                                      dict(os.environ), os.getcwd(), os.getpid()))
         self.proc.start()
         child.close()
         kind, payload = self._receive(WORKER_START_TIMEOUT, "starting the worker")

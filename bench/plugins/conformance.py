@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,10 @@ from torch import nn
 from attnbench.results import RESOLUTION_SWEEP, error_text
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
+#: checks of the whole model that the plain backbone can fail too (e.g. batch norm at batch
+#: 1 on a 1x1 map): such a failure is a WARN naming the backbone, not a FAIL (the forward
+#: sweeps compare resolution by resolution)
+BACKBONE_CHECKS = ("state_dict", "determinism", "dtype/device")
 
 
 @dataclass
@@ -98,11 +102,14 @@ class ModuleChecker:
         self.results: List[Check] = []
         self._attention_names: List[str] = []
         self._forward_ok = True  # eval forward at the smallest resolution (later checks)
+        self._plain_instead = False  # build() gives the plain backbone (see _plain_fails)
 
     # helpers ---------------------------------------------------------------
     def build(self, seed: Optional[int] = None) -> nn.Module:
         from attnbench.modules.builder import build_model
         torch.manual_seed(self.seed if seed is None else seed)
+        if self._plain_instead:
+            return build_model(self.backbone, num_classes=self.num_classes).to(self.device)
         model = build_model(self.backbone, self.name, stages=self.stages,
                             num_classes=self.num_classes, **self.options)
         return model.to(self.device)
@@ -121,18 +128,42 @@ class ModuleChecker:
         try:
             check = Check(name, PASS, fn() or "")
         except _Fail as err:
-            check = Check(name, FAIL, str(err))
+            check = self._blame(name, fn, str(err))
         except _Warn as err:
             check = Check(name, WARN, str(err))
         except _Skip as err:
             check = Check(name, SKIP, str(err))
         except Exception as err:  # noqa: BLE001  (any crash of the module is a failure)
-            check = Check(name, FAIL, f"{self.name}: {error_text(err)}")
+            check = self._blame(name, fn, f"{self.name}: {error_text(err)}")
         check.seconds = time.perf_counter() - start
         self.results.append(check)
         if self.progress:
             self.progress(check)
         return check
+
+    def _plain_fails(self, fn: Callable[[], Any]) -> Optional[str]:
+        """Why the plain backbone fails check ``fn`` too (same settings), or None."""
+        self._plain_instead = True
+        try:
+            fn()
+        except (_Warn, _Skip):
+            return None
+        except _Fail as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001
+            return error_text(err)
+        finally:
+            self._plain_instead = False
+        return None
+
+    def _blame(self, name: str, fn: Callable[[], Any], detail: str) -> Check:
+        """A FAIL of check ``name``, or a WARN when the plain backbone fails it the same
+        way (a limit of the backbone at these settings, not of the module)."""
+        why = self._plain_fails(fn) if name in BACKBONE_CHECKS else None
+        if why is None:
+            return Check(name, FAIL, detail)
+        return Check(name, WARN, f"the plain {self.backbone} fails this check too, so it is "
+                                 f"not {self.name}'s doing: {why}")
 
     def _skip(self, names: Sequence[str], why: str) -> None:
         for name in names:
@@ -261,10 +292,38 @@ class ModuleChecker:
 
     # forward ---------------------------------------------------------------------
     def _sweep(self, train: bool) -> str:
-        model = self.build()
+        bad = self._failures(self.build(), self.resolutions, train)
+        if not train and min(self.resolutions) in bad:
+            self._forward_ok = False
+        mode = "train" if train else "eval"
+        if bad:
+            self._plain_instead = True
+            try:
+                plain = self._failures(self.build(), sorted(bad), train)
+            finally:
+                self._plain_instead = False
+            own = {r: m for r, m in bad.items() if r not in plain}
+            if not own:
+                raise _Warn(f"{len(bad)} of {len(self.resolutions)} resolutions fail ({mode}, "
+                            f"batch 1), and the plain {self.backbone} fails there too, so it "
+                            f"is not {self.name}'s doing: " + _res_text(plain))
+            shared = f"; the plain {self.backbone} fails at {_res_list(plain)} too" \
+                if plain else ""
+            raise _Fail(f"{self.name} ({mode}, batch 1): {len(own)} of {len(self.resolutions)} "
+                        f"resolutions fail; " + _res_text(own) + shared)
+        span = f"{self.resolutions[0]}²..{self.resolutions[-1]}²" \
+            if len(self.resolutions) > 1 else f"{self.resolutions[0]}²"
+        extra = " + backward" if train else ""
+        return f"{len(self.resolutions)} resolutions {span}, batch 1{extra}: " \
+               f"(1, {self.num_classes}), finite"
+
+    def _failures(self, model: nn.Module, resolutions: Sequence[int],
+                  train: bool) -> Dict[int, str]:
+        """``{resolution: why}`` where ``model``'s batch-1 forward (train: and backward)
+        fails or gives a wrong or non-finite output."""
         model.train(train)
-        bad = []
-        for res in self.resolutions:
+        bad: Dict[int, str] = {}
+        for res in resolutions:
             x = self.input(res)
             try:
                 if train:
@@ -275,24 +334,13 @@ class ModuleChecker:
                     with torch.no_grad():
                         out = model(x)
             except Exception as err:  # noqa: BLE001
-                bad.append(f"{res}²: {error_text(err)}")
-                if not train and res == min(self.resolutions):
-                    self._forward_ok = False
+                bad[res] = error_text(err)
                 continue
             if _shape(out) != (1, self.num_classes):
-                bad.append(f"{res}²: output shape {_shape(out)}, expected "
-                           f"(1, {self.num_classes})")
+                bad[res] = f"output shape {_shape(out)}, expected (1, {self.num_classes})"
             elif not torch.isfinite(out).all():
-                bad.append(f"{res}²: non-finite output")
-        mode = "train" if train else "eval"
-        if bad:
-            raise _Fail(f"{self.name} ({mode}, batch 1): {len(bad)} of {len(self.resolutions)} "
-                        f"resolutions fail; " + "; ".join(bad[:3]))
-        span = f"{self.resolutions[0]}²..{self.resolutions[-1]}²" \
-            if len(self.resolutions) > 1 else f"{self.resolutions[0]}²"
-        extra = " + backward" if train else ""
-        return f"{len(self.resolutions)} resolutions {span}, batch 1{extra}: " \
-               f"(1, {self.num_classes}), finite"
+                bad[res] = "non-finite output"
+        return bad
 
     def check_forward_eval(self) -> str:
         return self._sweep(train=False)
@@ -467,6 +515,15 @@ ELEMENTWISE = {
     "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "topk", "sort", "argmax", "argmin",
 }
+
+
+def _res_text(bad: Mapping[int, str]) -> str:
+    """``"32²: why; 64²: why"`` (the first three)."""
+    return "; ".join(f"{r}²: {m}" for r, m in sorted(bad.items())[:3])
+
+
+def _res_list(bad: Mapping[int, str]) -> str:
+    return ", ".join(f"{r}²" for r in sorted(bad))
 
 
 def _op_name(op: str) -> str:

@@ -99,6 +99,7 @@ def load_plugin(spec: str) -> ModuleType:
             hint = "" if spec.endswith(".py") else " (a dotted module name has no '/')"
             raise PluginError(f"plugin file {spec!r} not found (looked for {path}){hint}")
         module = _guarded(spec, path, lambda: _import_file(path), f"plugin {path}")
+        _check_registers(spec, module, path)
         _file_modules[path] = module
         _remember(path)
         return module
@@ -106,12 +107,32 @@ def load_plugin(spec: str) -> ModuleType:
         raise PluginError(f"plugin {spec!r} is neither an existing .py file nor a dotted "
                           f"module name")
     if spec in sys.modules:
+        _check_registers(spec, sys.modules[spec], spec)
         _remember(spec)
         return sys.modules[spec]
     module = _guarded(spec, _origin(spec), lambda: _import_module(spec), f"plugin {spec}",
                       key=spec)
+    _check_registers(spec, module, spec)
     _remember(spec)
     return module
+
+
+def _check_registers(spec: str, module: ModuleType, key: str) -> None:
+    """:class:`PluginError` when the plugin ``spec`` registered no attention module: neither
+    while it was imported (``key`` in :func:`plugin_names`) nor, for a module imported
+    before, with a factory defined in it or in its package."""
+    if _names_by_plugin.get(key):
+        return
+    name = module.__name__
+    for registered in REGISTRY.specs():
+        home = getattr(registered.factory, "__module__", "") or ""
+        if home == name or home.startswith(name + "."):
+            return
+    if name.startswith("attnbench_plugin_"):  # a file imported under a name of ours
+        sys.modules.pop(name, None)
+    raise PluginError(f"plugin {spec!r} registered no attention module: importing it ran no "
+                      f"@register (is it the right file or module? a plugin registers its "
+                      f"modules with `from attnbench import register`)")
 
 
 def load_entry_points(strict: bool = False, force: bool = False) -> List[str]:

@@ -1,4 +1,5 @@
-"""FLOPs as multiply-adds (GMac) with two counters: fvcore and ptflops (pytorch backend).
+"""FLOPs as multiply-adds (GMac) with three counters: fvcore, ptflops (pytorch backend)
+and torch's own ``torch.utils.flop_counter.FlopCounterMode``.
 
 Both count one fused multiply-add as one operation, at batch 1 and a square input of
 the given resolution, on a model in eval mode. They differ in convention (ptflops also
@@ -56,11 +57,30 @@ did not count it:
 ptflops already counts functional ``interpolate`` (one per output element),
 ``avg_pool``/``adaptive_avg_pool``, ``nn.ConvTranspose2d`` and ``torch.matmul``.
 
+torch.utils.flop_counter (``FlopCounterMode``: dispatch-level, no JIT trace, so it sees
+what runs, forward and backward alike). Stock, it counts convolutions and matrix
+products (and attention kernels), in FLOPs = 2 x multiply-adds; its figures are halved.
+Rules added (the same conventions as fvcore's, so the three can be compared):
+
+* ``bn``: batch norm, one multiply-add per input element, two when affine (fvcore's and
+  ptflops' eval rule), in train mode too;
+* ``reduce``: ``sum`` / ``mean``, one per reduced input element;
+* ``avg_pool``: average and adaptive average pooling, one per input element;
+* ``upsample``: as fvcore's rule above (bilinear 4, nearest 1 per output element).
+
+:func:`count_torch_train` counts one training step (forward, cross-entropy, backward) per
+image: the stock backward rules (convolution and matmul gradients, about twice the
+forward's), the rules above wherever their ops run; the backward of batch norm, pooling
+and element-wise ops is left uncounted (listed).
+
+Max pooling holds no multiply-add: fvcore and the torch counter leave it uncounted (and
+list it); ptflops counts one operation per input element (its convention).
 Element-wise arithmetic (gating products, sigmoid, additions) is left uncounted by
-both conventions and listed in ``uncounted``.
+every convention and listed in ``uncounted``.
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 import sys
@@ -75,6 +95,8 @@ from torch import nn
 DISAGREE_PCT = 2.0
 FVCORE_RULES = ("reduce", "avg_pool", "upsample", "conv")
 PTFLOPS_RULES = ("conv", "bn", "linear", "reduce", "einsum", "matmul")
+TORCH_RULES = ("bn", "reduce", "avg_pool", "upsample")
+TORCH_COUNTER = "torch.utils.flop_counter"
 
 
 @dataclass
@@ -95,9 +117,17 @@ class FlopCount:
 
 @dataclass
 class FlopsBoth:
+    """The counters' figures for one model: fvcore, ptflops and (where counted) torch's."""
+
     fvcore: FlopCount
     ptflops: FlopCount
-    disagreement_pct: float            # 100*|ptflops - fvcore|/fvcore
+    disagreement_pct: float            # largest 100*|other - fvcore|/fvcore
+    torch: Optional[FlopCount] = None
+
+    @property
+    def counts(self) -> List[FlopCount]:
+        """Every counter's figure, fvcore first."""
+        return [self.fvcore, self.ptflops] + ([self.torch] if self.torch is not None else [])
 
     @property
     def disagree(self) -> bool:
@@ -106,7 +136,10 @@ class FlopsBoth:
     @property
     def method(self) -> str:
         """``method`` of the flops_disagreement row (``DISAGREE`` over 2 %)."""
-        text = f"100*|{self.ptflops.method} - {self.fvcore.method}|/fvcore"
+        others = " or ".join(c.method for c in self.counts[1:])
+        text = f"100*|{others} - {self.fvcore.method}|/fvcore (largest)" \
+            if self.torch is not None else \
+            f"100*|{self.ptflops.method} - {self.fvcore.method}|/fvcore"
         return f"DISAGREE (> {DISAGREE_PCT:g} %): {text}" if self.disagree else text
 
 
@@ -498,8 +531,144 @@ def disagreement_pct(fvcore_macs: float, ptflops_macs: float) -> float:
     return 100.0 * abs(ptflops_macs - fvcore_macs) / fvcore_macs
 
 
-def flops_both(model: nn.Module, resolution: int = 224, rules: bool = True) -> FlopsBoth:
-    """Both counters on ``model`` and their disagreement in percent of fvcore."""
+def flops_both(model: nn.Module, resolution: int = 224, rules: bool = True,
+               torch_counter: bool = True) -> FlopsBoth:
+    """fvcore, ptflops and (``torch_counter``) torch's counter on ``model``, and their
+    largest disagreement with fvcore in percent of fvcore."""
     fv = count_fvcore(model, resolution, rules)
     pt = count_ptflops(model, resolution, rules)
-    return FlopsBoth(fv, pt, disagreement_pct(fv.macs, pt.macs))
+    tc = count_torch(model, resolution, rules) if torch_counter else None
+    worst = max(disagreement_pct(fv.macs, c.macs) for c in [pt] + ([tc] if tc else []))
+    return FlopsBoth(fv, pt, worst, tc)
+
+
+# --------------------------------------------------------------------------- torch
+
+#: aten ops that move or make tensors but compute nothing: not listed as uncounted
+_NO_ARITH = frozenset("""
+    view _unsafe_view reshape _reshape_alias t transpose permute expand expand_as clone
+    copy_ detach alias empty empty_like empty_strided new_empty new_empty_strided zeros
+    zeros_like ones ones_like full full_like fill_ zero_ cat stack split split_with_sizes
+    chunk unbind select slice narrow squeeze unsqueeze flatten contiguous as_strided
+    _to_copy to lift_fresh arange index index_select gather repeat unfold scalar_tensor
+    _local_scalar_dense item constant_pad_nd set_ resize_ randn normal_ uniform_ detach_
+    eq ne ge gt le lt
+""".split())
+_UPSAMPLE_TORCH = {"upsample_bilinear2d": 4, "upsample_nearest2d": 1,
+                   **{k.split("::")[1]: v for k, v in _UPSAMPLE_PER_OUTPUT.items()}}
+
+
+def _numel(shape) -> int:
+    return _prod(shape) if shape else 0
+
+
+def _torch_rules(tally: Counter) -> Dict[Any, Any]:
+    """FlopCounterMode formulas (FLOPs = 2 x multiply-adds) for :data:`TORCH_RULES`;
+    they receive shapes in place of tensors (``shape_wrapper``)."""
+    aten = torch.ops.aten
+
+    def count(rule: str, macs: int) -> int:
+        tally[rule] += macs
+        return 2 * macs
+
+    def bn(x, weight=None, *args, out_shape=None, **kwargs):
+        return count("bn", _numel(x) * (2 if weight is not None else 1))
+
+    def reduce(x, *args, out_shape=None, **kwargs):
+        return count("reduce", _numel(x))
+
+    def pool(x, *args, out_shape=None, **kwargs):
+        return count("avg_pool", _numel(x))
+
+    def upsample(per):
+        def f(*args, out_shape=None, **kwargs):
+            return count("upsample", _numel(out_shape) * per)
+        return f
+    table: Dict[Any, Any] = {}
+    for name in ("_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                 "native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"):
+        if hasattr(aten, name):
+            table[getattr(aten, name)] = bn
+    table.update({aten.sum: reduce, aten.mean: reduce})
+    for name in ("avg_pool1d", "avg_pool2d", "avg_pool3d", "_adaptive_avg_pool2d",
+                 "_adaptive_avg_pool3d", "adaptive_avg_pool1d"):
+        if hasattr(aten, name):
+            table[getattr(aten, name)] = pool
+    for name, per in _UPSAMPLE_TORCH.items():
+        if hasattr(aten, name):
+            table[getattr(aten, name)] = upsample(per)
+    return table
+
+
+class _TorchCounter:
+    """``FlopCounterMode`` that also lists the ops it ran without a formula."""
+
+    def __init__(self, rules: bool):
+        from torch.utils.flop_counter import FlopCounterMode
+        self.tally: Counter = Counter()
+        self.uncounted: Counter = Counter()
+        self.mode = FlopCounterMode(display=False,
+                                    custom_mapping=_torch_rules(self.tally) if rules else {})
+        self.products: Dict[int, Any] = {}   # id -> weakref of each uncounted mul's output
+        original = self.mode._count_flops
+
+        def _count_flops(func_packet, out, args, kwargs):
+            self._note(func_packet, out, args)
+            return original(func_packet, out, args, kwargs)
+        self.mode._count_flops = _count_flops
+
+    def _note(self, func_packet, out, args) -> None:
+        """List an op without a formula; a product consumed by a counted sum (a
+        contraction, as fvcore's rule) is not left uncounted."""
+        import weakref
+        name = getattr(func_packet, "__name__", str(func_packet)).split(".")[-1]
+        if func_packet in self.mode.flop_registry:
+            first = args[0] if args else None
+            ref = self.products.pop(id(first), None) if name in ("sum", "mean") else None
+            if ref is not None and ref() is first and self.uncounted["aten.mul"] > 0:
+                self.uncounted["aten.mul"] -= 1
+            return
+        if name.rstrip("_") in _NO_ARITH or name in _NO_ARITH:
+            return
+        self.uncounted[f"aten.{name}"] += 1
+        if name == "mul" and isinstance(out, torch.Tensor):
+            self.products[id(out)] = weakref.ref(out)
+
+    def count(self, fn) -> int:
+        """Multiply-adds of ``fn()`` (the counter's FLOPs halved)."""
+        with self.mode:
+            fn()
+        return int(self.mode.get_total_flops()) // 2
+
+
+def count_torch(model: nn.Module, resolution: int = 224, rules: bool = True) -> FlopCount:
+    """torch.utils.flop_counter on one eval forward at batch 1, ``resolution`` squared."""
+    x = _input(model, resolution)
+    counter = _TorchCounter(rules)
+    with _eval_mode(model), torch.no_grad():
+        macs = counter.count(lambda: model(x))
+    method = TORCH_COUNTER + (f"+rules({','.join(TORCH_RULES)})" if rules else "")
+    return FlopCount(TORCH_COUNTER, macs, method, _fmt_uncounted(counter.uncounted),
+                     {k: int(v) for k, v in counter.tally.items() if v}, int(resolution))
+
+
+def count_torch_train(model: nn.Module, resolution: int = 224, batch: int = 2,
+                      rules: bool = True) -> FlopCount:
+    """torch.utils.flop_counter on one training step (forward in train mode,
+    cross-entropy, backward) of a copy of ``model`` at ``batch``, per image."""
+    import torch.nn.functional as F
+    work = copy.deepcopy(model).train()
+    x = _input(work, resolution).expand(int(batch), -1, -1, -1).contiguous()
+    counter = _TorchCounter(rules)
+
+    def step():
+        out = work(x)
+        logits = out if out.dim() == 2 else out.flatten(1)
+        F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long,
+                                            device=logits.device)).backward()
+    macs = counter.count(step) // int(batch)
+    method = (TORCH_COUNTER + (f"+rules({','.join(TORCH_RULES)})" if rules else "")
+              + f", forward+backward, per image of batch {int(batch)}")
+    return FlopCount(TORCH_COUNTER, macs, method, _fmt_uncounted(counter.uncounted),
+                     {k: int(v) // int(batch) for k, v in counter.tally.items() if v},
+                     int(resolution))

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from attnbench.report import tables as T
+from attnbench.results import atomic_write_text
 from attnbench.report.figures import build_plots
-from attnbench.report.load import Group, ReportError, groups, load
+from attnbench.report.load import Group, ReportError, groups, load, load_checked
 from attnbench.report.markdown import write_group, write_readme
 
 __all__ = ["DEFAULT_FORMATS", "MARKER", "Group", "ReportError", "Result", "build_plots",
@@ -92,6 +93,9 @@ def build_tables(g: Group) -> List[Tuple[str, List[T.Table]]]:
             full.append(t)
     if full:
         sections.append(("Appendix: every measured resolution", full))
+    uncounted = T.uncounted_table(idx, g.device)
+    if uncounted is not None:
+        sections.append(("FLOP counting: operators no counter counts", [uncounted]))
     failed = T.failures_table(idx, g.device)
     if failed is not None:
         sections.append(("Failed measurements", [failed]))
@@ -120,6 +124,7 @@ class Result:
     reports: List[Path]
     tables: List[T.Table]
     plots: List[Path]
+    notes: List[str] = field(default_factory=list)  # runs skipped, rows not taken as they are
 
 
 def generate(results_dir="results", out_dir="reports", runs: Optional[Sequence[str]] = None,
@@ -127,26 +132,39 @@ def generate(results_dir="results", out_dir="reports", runs: Optional[Sequence[s
              command: Optional[str] = None) -> Result:
     """Write the report of ``results_dir`` into ``out_dir`` (see the module docstring)."""
     formats = tuple(formats)
-    records, envs = load(results_dir)
+    out = Path(out_dir)
+    _check_out(out)
+    records, envs, notes = load_checked(results_dir)
     gs = groups(records, envs, runs)
     if not gs:
         raise ReportError(f"nothing to report in '{results_dir}'")
+    for g in gs:
+        g.notes = list(notes.get(g.run_id, []))
+    general = list(notes.get("", []))
     command = command or command_line(results_dir, out_dir, runs, latex, formats)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out '{out}' exists and is not a folder")
     _clear_previous(out)
     all_sections, reports, tables, plots = [], [], [], []
     for g in gs:
         sections = build_tables(g)
         (out / g.folder).mkdir(parents=True, exist_ok=True)
-        (out / g.folder / MARKER).write_text(
-            "written by `attnbench report`; this folder is deleted and rewritten on the next "
-            "report\n", encoding="utf-8")
+        atomic_write_text(out / g.folder / MARKER,
+                          "written by `attnbench report`; this folder is deleted and rewritten "
+                          "on the next report\n")
         g.plots = build_plots(g, out, formats)
         reports.append(write_group(g, sections, out, command, latex, results_dir))
         all_sections.append(sections)
         tables += [t for _, ts in sections for t in ts]
         plots += [f for _, fs in g.plots for f in fs]
-    readme = write_readme(gs, all_sections, out, command, results_dir)
-    return Result(readme, gs, reports, tables, plots)
+    readme = write_readme(gs, all_sections, out, command, results_dir, general)
+    every = general + [n for run in sorted({g.run_id for g in gs}) for n in notes.get(run, [])]
+    return Result(readme, gs, reports, tables, plots, every)
+
+
+def _check_out(out: Path) -> None:
+    """:class:`ReportError` unless ``out`` is (or can be made) a folder files can be
+    written in; checked before anything is removed or drawn."""
+    from attnbench.results import ResultsError, check_writable
+    try:
+        check_writable(out, "--out", folder=True)
+    except ResultsError as err:
+        raise ReportError(str(err)) from None

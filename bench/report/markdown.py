@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from attnbench.report import tables as T
 from attnbench.report.load import Group
@@ -69,11 +69,17 @@ def _env_items(env: Dict[str, Any]) -> List[Tuple[str, str]]:
 def _method_lines(g: Group) -> List[str]:
     """How latency and memory were measured (the rows' ``method``, as recorded)."""
     out = []
-    for metric, name in (("latency", "timing"), ("peak_memory", "memory")):
+    for metric, name in (("latency", "timing"), ("peak_memory", "memory"),
+                         *((m, f"memory, {stem}") for m, stem in T.MEMORY_METRICS.items()
+                           if m != "peak_memory")):
         found = sorted({r["method"] for r in g.records
                         if r["metric"] == metric and r["status"] == "ok" and r["method"]})
         if found:
             out.append(f"- **{name}** (method as recorded): " + "; ".join(f"`{m}`" for m in found))
+    from attnbench.report.settings import settings_line
+    settings = settings_line(g.records)
+    if settings:
+        out.append(f"- **settings** (as recorded in the timed rows): {settings}")
     return out
 
 
@@ -120,6 +126,7 @@ def write_group(g: Group, sections, out: Path, command: str, latex: bool,
                      + ", ".join(f"`{m}`" for m in methods))
     lines += _method_lines(g)
     lines.append("")
+    lines += _note_lines(g.notes, "Read this first: rows of this run not taken as they stand")
     lines += _section_lines(sections, latex)
     lines += _plot_lines(g, gdir)
     path = gdir / "report.md"
@@ -168,19 +175,40 @@ def _write_latex(g: Group, sections, gdir: Path, command: str) -> None:
 
 # --------------------------------------------------------------------------- README.md
 
-def write_readme(gs: List[Group], all_sections, out: Path, command: str, results_dir) -> Path:
-    """Write the index ``README.md``: conventions, the runs, and each group's contents."""
+def _note_lines(notes: List[str], title: str) -> List[str]:
+    """A section listing ``notes`` (nothing when there are none)."""
+    if not notes:
+        return []
+    return [f"## {title}", ""] + [f"- {n}" for n in notes] + [""]
+
+
+def write_readme(gs: List[Group], all_sections, out: Path, command: str, results_dir,
+                 notes: Optional[List[str]] = None) -> Path:
+    """Write the index ``README.md``: conventions, the runs (and the run folders skipped),
+    and each group's contents."""
     from attnbench.results import atomic_write_text
     source = f"`{Path(results_dir).as_posix()}/`"
     lines = _header(command, source)
     lines += ["# attnbench reports", "", _banner(command, source), ""]
     lines += ["## How to read these reports", ""] + CONVENTIONS + [""]
     lines += ["## Runs", ""] + _runs_table(gs)
+    lines += _note_lines(list(notes or []) + [n for g in _first_per_run(gs) for n in g.notes],
+                         "Not reported as they stand")
     for g, sections in zip(gs, all_sections):
         lines += _readme_group(g, sections, out)
     path = out / "README.md"
     atomic_write_text(path, _text(lines))
     return path
+
+
+def _first_per_run(gs: List[Group]) -> List[Group]:
+    """One group per run (a run's notes are shared by its devices)."""
+    seen, out = set(), []
+    for g in gs:
+        if g.run_id not in seen:
+            seen.add(g.run_id)
+            out.append(g)
+    return out
 
 
 def _runs_table(gs: List[Group]) -> List[str]:

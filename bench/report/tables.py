@@ -32,7 +32,12 @@ REF = "ref."        # the reference row of an overhead table
 STANDARD_RES = (168, 224, 448)   # the TDAM paper's Table 2 columns (besides Best)
 REFERENCE_RES = 224
 
-TIMING_METRICS = ("latency", "throughput", "peak_memory", "speed_ratio")
+#: memory figures and the stem of their columns: CPU and CUDA figures have names (and so
+#: columns) of their own; ``peak_memory`` is what runs recorded before they were split
+MEMORY_METRICS = {"peak_memory": "mem.", "peak_tensor_memory": "tensor peak",
+                  "rss_increase": "RSS increase", "cuda_max_allocated": "CUDA max allocated",
+                  "cuda_max_reserved": "CUDA max reserved"}
+TIMING_METRICS = ("latency", "throughput", "speed_ratio") + tuple(MEMORY_METRICS)
 
 # decimals per kind of figure (fixed: stable bytes)
 DECIMALS = {"params": 3, "flops": 3, "peak_memory": 1, "throughput": 1, "latency": 2,
@@ -396,9 +401,13 @@ def _cost_columns(idx: Index, backbone: str):
     cols = [("params (M)", "params", None, None, "params", 1e6)]
     for c in idx.counters(backbone):
         cols.append((f"FLOPs (G) {c}", "flops", None, c, "flops", 1.0))
-    cols += [("mem. train (MiB)", "peak_memory", "train", None, "peak_memory", 1.0),
-             ("mem. eval (MiB)", "peak_memory", "eval", None, "peak_memory", 1.0),
-             ("FPS train, absolute (img/s)", "throughput", "train", None, "throughput", 1.0),
+    if idx.variants(backbone, ["flops_train"]):   # forward + backward per image
+        cols.append(("FLOPs train step (G)", "flops_train", None, None, "flops", 1.0))
+    memory = [m for m in MEMORY_METRICS if idx.variants(backbone, [m])] or ["peak_memory"]
+    for m in memory:
+        cols += [(f"{MEMORY_METRICS[m]} {mode} (MiB)", m, mode, None, "peak_memory", 1.0)
+                 for mode in ("train", "eval")]
+    cols += [("FPS train, absolute (img/s)", "throughput", "train", None, "throughput", 1.0),
              ("FPS eval, absolute (img/s)", "throughput", "eval", None, "throughput", 1.0),
              ("speed ratio train (×)", "speed_ratio", "train", None, "speed_ratio", 1.0),
              ("speed ratio eval (×)", "speed_ratio", "eval", None, "speed_ratio", 1.0)]
@@ -410,6 +419,8 @@ def cost_measure(idx, backbone, v, metric, mode, counter, res, batch) -> Measure
         return idx.get(backbone, v, "params", resolution=res, any_resolution=True)
     if metric == "flops":
         return idx.get(backbone, v, "flops", resolution=res, counter=counter)
+    if metric == "flops_train":
+        return idx.get(backbone, v, "flops_train", resolution=res)
     m = idx.get(backbone, v, metric, mode=mode, resolution=res, batch=batch)
     if m.status == "missing" and metric in ("throughput", "speed_ratio"):
         # a cell that failed as a whole is recorded under its first metric (latency)
@@ -592,6 +603,10 @@ RES_METRICS = {  # metric: (title, unit header, kind)
     "flops": ("FLOPs", "G", "flops"),
     "latency": ("Latency", "ms", "latency"),
     "peak_memory": ("Peak memory", "MiB", "peak_memory"),
+    "peak_tensor_memory": ("Peak tensor memory (CPU)", "MiB", "peak_memory"),
+    "rss_increase": ("Resident-memory increase of a step (CPU)", "MiB", "peak_memory"),
+    "cuda_max_allocated": ("CUDA max allocated", "MiB", "peak_memory"),
+    "cuda_max_reserved": ("CUDA max reserved", "MiB", "peak_memory"),
 }
 
 
@@ -820,3 +835,68 @@ def failures_table(idx: Index, device: str) -> Optional[Table]:
                   "recorded by the runner (the tables show these cells as "
                   f"`{DASH}`; mode `all`: the whole cell failed, for every mode; an empty mode, "
                   "resolution or batch means not applicable)."])
+
+
+# --------------------------------------------------------------------------- uncounted ops
+
+#: the counter whose rows make the "no counter counts" table worth showing (with fvcore
+#: and ptflops, the three conventions of attnbench.profilers.flops)
+TORCH_COUNTER = "torch.utils.flop_counter"
+_DUNDER = {"__mul__": "mul", "__rmul__": "mul", "__add__": "add", "__radd__": "add",
+           "__sub__": "sub", "__rsub__": "sub", "__truediv__": "div", "__matmul__": "matmul"}
+
+
+def op_name(item: str) -> Tuple[str, int]:
+    """``("mul", 16)`` of an ``uncounted`` item of any counter (``aten::mul x16``,
+    ``__mul__ x16``, ``aten.mul x16``): the op without namespace, in-place mark or
+    ``_with_indices``."""
+    name, _, n = item.strip().rpartition(" x")
+    if not name or not n.isdigit():
+        name, n = item.strip(), "1"
+    name = name.split("::")[-1].split("aten.")[-1]
+    name = _DUNDER.get(name, name).rstrip("_").replace("_with_indices", "")
+    return name, int(n)
+
+
+def _uncounted_by_counter(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
+    """``{counter: {op: calls}}`` of ok ``flops`` rows (the smallest resolution's)."""
+    out: Dict[str, Dict[str, int]] = {}
+    res = min((r["resolution"] for r in rows if r["resolution"] is not None), default=None)
+    for r in rows:
+        if r["status"] != "ok" or r["resolution"] != res:
+            continue
+        ops: Dict[str, int] = {}
+        for item in str(r.get("uncounted") or "").split(";"):
+            if item.strip():
+                name, n = op_name(item)
+                ops[name] = ops.get(name, 0) + n
+        out[counter_of(r["method"])] = ops
+    return out
+
+
+def uncounted_table(idx: Index, device: str) -> Optional[Table]:
+    """Per module, the operators that none of the FLOP counters counts (each counter's
+    ``uncounted`` list, intersected); only for runs counted with torch's counter too."""
+    if TORCH_COUNTER not in idx.counters():
+        return None
+    rows = []
+    for backbone in idx.backbones():
+        for v in idx.variants(backbone, ["flops"]):
+            by = _uncounted_by_counter(idx.rows(backbone, v, "flops"))
+            if len(by) < 2:
+                continue
+            common = set.intersection(*(set(ops) for ops in by.values()))
+            text = ", ".join(f"{op} ×{min(ops[op] for ops in by.values())}"
+                             for op in sorted(common)) or "none"
+            rows.append([Cell(idx.labels[v]), Cell(backbone), Cell(text),
+                         Cell(", ".join(sorted(by, key=counter_sort_key)))])
+    if not rows:
+        return None
+    return Table("uncounted-ops", f"Operators no FLOP counter counts on `{device}`",
+                 ["method", "backbone", "operators (calls per image)", "counters"], rows,
+                 ["left"] * 4,
+                 ["The operators that every counter listed as uncounted (the `uncounted` "
+                  "column of the `flops` rows, at the smallest resolution counted): their "
+                  "arithmetic is in none of the FLOP figures above. Element-wise ops "
+                  "(gating products, sigmoid, residual additions) have no multiply-adds "
+                  "by the papers' convention; calls: the fewest any counter saw."])

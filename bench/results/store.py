@@ -25,8 +25,10 @@ __all__ = [
     "ENV_FILE",
     "CONFIG_FILE",
     "ResultsError",
+    "ResultsWriteError",
     "atomic_write",
     "atomic_write_text",
+    "check_writable",
     "check_row",
     "encode_row",
     "rows_text",
@@ -34,6 +36,7 @@ __all__ = [
     "append_rows",
     "write_env",
     "load_rows",
+    "numbered_rows",
     "load_env",
     "load_run",
     "run_dirs",
@@ -57,6 +60,11 @@ ENV_KEYS = (
     "config_hash", "config_path", "attnbench_version",
 )
 STATUSES = ("ok", "failed")
+#: (column, accepted types, in words) of the schema columns checked on write and load
+COLUMN_TYPES = tuple([(c, str, "a string") for c in (
+    "run_id", "cell", "backbone", "module", "label", "options", "stages", "mode", "device",
+    "unit", "method", "error")] + [("resolution", int, "an integer"), ("batch", int, "an integer"),
+                                   ("value", (int, float), "a number")])
 ROWS_FILE = "rows.jsonl"
 ENV_FILE = "env.json"
 CONFIG_FILE = "config.toml"
@@ -66,6 +74,10 @@ class ResultsError(AttnbenchError):
     """A results file that cannot be read or a row that breaks the schema."""
 
 
+class ResultsWriteError(ResultsError, OSError):
+    """A file that cannot be written (read-only or full disk...): the old one is intact."""
+
+
 # --------------------------------------------------------------------------- writing
 
 def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -73,8 +85,11 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Fal
     which is flushed, fsynced and then moved over ``path`` with ``os.replace``. On any
     failure the old file (if any) is left untouched and the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as err:
+        raise ResultsWriteError(f"{path}: cannot write ({err.strerror or err})") from err
     try:
         try:  # mkstemp makes 0600 files: keep the old file's mode, else the umask's
             mode = path.stat().st_mode & 0o777
@@ -88,13 +103,42 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Fal
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError):  # a full or read-only disk: the old file is intact
+            kept = " the file as it was is unchanged" if path.exists() else " nothing written"
+            raise ResultsWriteError(f"{path}: cannot write ({err.strerror or err});"
+                                    f"{kept}") from err
         raise
     _fsync_dir(path.parent)
+
+
+def check_writable(path: PathLike, what: str, folder: bool = False) -> None:
+    """:class:`ResultsError` (naming ``what``, e.g. ``--out``) unless ``path`` can be
+    written -- as a file, or with ``folder`` as a folder to write files in: not the wrong
+    kind of thing already, under a folder that exists or can be made, where a file can be
+    created (checked by creating and removing one; ``os.access`` would not see a read-only
+    file system, nor work as root). Call it before work whose result would be lost."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise ResultsError(f"{what} {path}: is a file, not a folder")
+    if not folder and p.is_dir():
+        raise ResultsError(f"{what} {path}: is a folder; give a file name (e.g. "
+                           f"{p / 'model.pt'})")
+    here = p if folder and p.is_dir() else p.absolute().parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise ResultsError(f"{what} {path}: {here} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=str(here)):
+            pass
+    except OSError as err:
+        raise ResultsError(f"{what} {path}: cannot write in {here} ({err.strerror or err})") \
+            from None
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -139,6 +183,11 @@ def check_row(row: Mapping[str, Any], where: str = "row") -> None:
         raise ResultsError(f"{where}: status must be 'ok' or 'failed', got {row['status']!r}")
     if not isinstance(row["metric"], str) or not row["metric"]:
         raise ResultsError(f"{where}: metric must be a non-empty string, got {row['metric']!r}")
+    for column, types, what in COLUMN_TYPES:
+        value = row[column]
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise ResultsError(f"{where}: column {column!r} must be {what} or null, got "
+                               f"{value!r}")
 
 
 def encode_row(row: Mapping[str, Any]) -> str:
@@ -194,6 +243,12 @@ def write_env(run_dir: PathLike, env: Mapping[str, Any]) -> Path:
 def load_rows(path: PathLike) -> List[Dict[str, Any]]:
     """Every row of a ``rows.jsonl`` file. Blank lines are skipped; anything else
     that is not a schema row raises :class:`ResultsError` with file and line."""
+    return [row for _, row in numbered_rows(path)]
+
+
+def numbered_rows(path: PathLike) -> List[Tuple[int, Dict[str, Any]]]:
+    """``(1-based line number, row)`` of every row of a ``rows.jsonl`` file (see
+    :func:`load_rows`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -201,7 +256,7 @@ def load_rows(path: PathLike) -> List[Dict[str, Any]]:
         raise ResultsError(f"{path}: no such results file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ResultsError(f"{path}: cannot read results file: {err}") from err
-    rows: List[Dict[str, Any]] = []
+    rows: List[Tuple[int, Dict[str, Any]]] = []
     lines = text.split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -215,7 +270,7 @@ def load_rows(path: PathLike) -> List[Dict[str, Any]]:
                     if number == len(lines) and not text.endswith("\n") else "")
             raise ResultsError(f"{where}: not valid JSON ({err.msg}){hint}") from None
         check_row(row, where)
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
