@@ -50,3 +50,19 @@ def clean_plugins(monkeypatch):
     for name in set(sys.modules) - mods:
         if name.startswith(("attnbench_plugin_", "attnbench_coordatt", "brokenplug")):
             del sys.modules[name]
+
+
+_THREADS_AT_START = None
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes torch's thread count must not change it for the tests after it
+    (the runner's resume check compares the thread count with env.json's)."""
+    import torch
+    global _THREADS_AT_START
+    if _THREADS_AT_START is None:
+        _THREADS_AT_START = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != _THREADS_AT_START:
+        torch.set_num_threads(_THREADS_AT_START)
