@@ -35,6 +35,7 @@ from torch import nn
 from attnbench.accuracy import checkpoint as ckpt_io
 from attnbench.accuracy import distributed
 from attnbench.modules.registry import AttnbenchError
+from attnbench.profilers.speed import backward_step
 from attnbench.results import check_writable
 
 MEAN = (0.485, 0.456, 0.406)
@@ -461,13 +462,7 @@ def _step(run: _Run, images, labels, epoch: int, i: int):
         raise TrainError(f"{run.label}: loss became {float(loss)} at epoch {epoch + 1}, "
                          f"step {i + 1} (lower --lr?)")
     run.optimizer.zero_grad(set_to_none=True)
-    if run.scaler is not None:
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        loss.backward()
-        run.optimizer.step()
+    backward_step(loss, run.optimizer, run.scaler)
     run.scheduler.step()
     distributed.record_digest(run.model, epoch * run.steps + i)
     return loss, logits

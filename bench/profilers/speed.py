@@ -171,6 +171,18 @@ def autocast_context(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def backward_step(loss: torch.Tensor, optimizer, scaler=None) -> None:
+    """Backward pass and optimizer step, through the AMP GradScaler when there is one
+    (the timed training step and ``attnbench train`` share it)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 class Step:
     """One callable step of ``model``: an eval forward under ``no_grad`` or a training
     step (zero_grad(set_to_none) -> forward -> cross-entropy -> backward -> SGD step).
@@ -220,13 +232,7 @@ class Step:
         with autocast_context(self.device, self.amp):
             out = self.model(self.x)
         loss = F.cross_entropy(out.float(), self.y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        backward_step(loss, self.optimizer, self.scaler)
 
     def tensors(self) -> List[torch.Tensor]:
         """Tensors the step keeps alive between runs (inputs, targets, optimizer state)."""

@@ -340,14 +340,23 @@ def value_cell(m: Measure, kind: str, label: str, notes: TableNotes, scale: floa
     return Cell(MISSING)
 
 
-def overhead_cell(m: Measure, ref: Measure, is_ref: bool, label: str, ref_label: str,
-                  notes: TableNotes) -> Cell:
+def _overhead_head(m: Measure, is_ref: bool, label: str, notes: TableNotes) -> Optional[Cell]:
+    """The cell of an overhead figure that is failed, missing or the reference; None
+    when ``m`` is a figure to compare."""
     if m.status == "failed":
         return Cell(DASH, (notes.add(failure_text(label, m)),))
     if not m.ok:
         return Cell(MISSING)
     if is_ref:
         return Cell(REF)
+    return None
+
+
+def overhead_cell(m: Measure, ref: Measure, is_ref: bool, label: str, ref_label: str,
+                  notes: TableNotes) -> Cell:
+    head = _overhead_head(m, is_ref, label, notes)
+    if head is not None:
+        return head
     if ref.status == "failed":
         return Cell(DASH, (notes.add(failure_text(ref_label, ref)),))
     if not ref.ok or ref.value == 0:
@@ -571,12 +580,9 @@ def _overhead_table(idx: Index, notes: Notes, backbone: str, variants: List[Vari
 def _speed_overhead_cell(m: Measure, is_ref: bool, label: str, notes: TableNotes) -> Cell:
     """The paired speed ratio as an overhead, ``-22.8 % (0.772×)`` (``≈``: not
     distinguishable from the plain backbone)."""
-    if m.status == "failed":
-        return Cell(DASH, (notes.add(failure_text(label, m)),))
-    if not m.ok:
-        return Cell(MISSING)
-    if is_ref:
-        return Cell(REF)
+    head = _overhead_head(m, is_ref, label, notes)
+    if head is not None:
+        return head
     text = f"{fmt(100 * (m.value - 1), 'pct', sign=True)} % ({fmt(m.value, 'ratio')}×)"
     return Cell(text + (" ≈" if (m.row or {}).get("distinct") is False else ""))
 
