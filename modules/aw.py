@@ -91,11 +91,12 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
 
     ``taps`` moves N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w weights,
     so it is chosen when Ho*Wo < C1/g; otherwise one sample uses the plain dense conv
-    (``loop``) and larger batches the grouped conv (``grouped``).
+    (``loop``) and larger batches the grouped conv (``grouped``). The meta device (FLOP
+    counting on shapes) takes the CPU's choice, as FLOPs are counted for the CPU path.
     """
     if out_hw < c1g:
         return "taps"
-    return "loop" if n == 1 or device_type == "cpu" else "grouped"
+    return "loop" if n == 1 or device_type in ("cpu", "meta") else "grouped"
 
 
 _forced: Optional[str] = None

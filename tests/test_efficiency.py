@@ -22,7 +22,8 @@ def test_default_modules_are_the_default_matrix_without_the_plain_backbone():
 def test_efficiency_command_prints_ratios_intervals_and_the_control(capsys):
     rc = main(["efficiency", "--backbone", "resnet18", "--resolution", "32", "--batches", "1",
                "--modes", "eval", "--only", "se", "--module", "aw:formulation=taps",
-               "--min-rounds", "6", "--budget-s", "0.001", "--threads", "1"])
+               "--min-rounds", "6", "--budget-s", "0.001", "--threads", "1",
+               "--block-rounds", "3"])
     out = capsys.readouterr().out
     assert rc == 0
     lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("|")}
@@ -31,4 +32,4 @@ def test_efficiency_command_prints_ratios_intervals_and_the_control(capsys):
     limit = float(se[2])
     assert 0.9 < limit < 1.0 and not math.isnan(limit)
     assert "[" in se[3] and "]" in se[3]                   # median [lo, hi]
-    assert "time budget (6 rounds)" in out
+    assert "time budget (6 rounds, 2 blocks)" in out

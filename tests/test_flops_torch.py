@@ -84,3 +84,41 @@ def test_counting_leaves_the_model_as_it_was():
     assert all(mod.training for mod in m.modules())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(p.grad is None for p in m.parameters())
+
+
+_MODULES = [("none", {}), ("se", {}), ("cbam", {}), ("eca", {}), ("fca", {}),
+            ("td", {"variant": "joint", "steps": 2, "m": 1}),
+            ("td", {"variant": "top", "steps": 2, "m": 2}), ("aw", {}), ("aw", {"gate": "se"}),
+            ("tdaf", {})]
+
+
+@pytest.mark.parametrize("name,options", _MODULES, ids=lambda v: str(v))
+def test_counting_on_a_meta_copy_equals_counting_the_real_model(name, options, monkeypatch):
+    """torch's counter runs on a meta-device copy (shapes only); forward and training-step
+    counts, uncounted ops and rule tallies are those of the real tensors."""
+    model = build_model("resnet18", name, num_classes=10, **options)
+    meta_f = flops.count_torch(model, 64)
+    meta_t = flops.count_torch_train(model, 64, batch=2)
+    monkeypatch.setattr(flops, "_meta_copy", lambda m: None)
+    real_f = flops.count_torch(model, 64)
+    real_t = flops.count_torch_train(model, 64, batch=2)
+    for meta, real in ((meta_f, real_f), (meta_t, real_t)):
+        assert (meta.macs, meta.uncounted, meta.by_rule) == (real.macs, real.uncounted,
+                                                             real.by_rule)
+    assert all(p.device.type == "cpu" for p in model.parameters())   # the model is untouched
+
+
+class _NeedsData(nn.Module):
+    """A forward that reads a value, which a meta tensor does not have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y * float(y.abs().max().item() > -1)).flatten(1)
+
+
+def test_a_forward_that_needs_data_is_counted_on_the_real_model():
+    assert flops.count_torch(_NeedsData(), 8, rules=False).macs == 4 * 3 * 9 * 36

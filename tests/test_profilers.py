@@ -264,8 +264,8 @@ def test_interleaved_ratio_of_a_model_against_itself():
     assert res.ratios["none"].per_round == [1.0] * 6
     assert res.stop == "fixed rounds" and res.load[0] >= 0
     r = res.ratios["copy"]
-    assert len(r.per_round) == 6 and r.p25 <= r.median <= r.p75
-    assert 0.33 < r.median < 3.0                                      # loose: shared CPU
+    assert len(r.per_round) == 6 and r.p25 <= r.interval.estimate <= r.p75
+    assert 0.33 < r.interval.estimate < 3.0                                      # loose: shared CPU
     for st in res.stats.values():
         assert st.repeats == 6 and st.p25_ms <= st.median_ms <= st.p75_ms
 
@@ -579,3 +579,46 @@ def test_mps_is_refused_before_timing():
     from attnbench.modules.registry import AttnbenchError
     with pytest.raises(AttnbenchError, match="mps.*not supported"):
         speed.Step(_tiny(), "eval", 1, 32, "mps")
+
+
+_SEEN_INSTANCES = []
+
+
+class _Tracks(nn.Module):
+    """Records which instance ran (a deep copy is another instance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        _SEEN_INSTANCES.append(id(self))
+        return self.conv(x).mean((2, 3))
+
+
+def test_blocked_rounds_renew_the_instances_and_stop_at_block_ends():
+    _SEEN_INSTANCES.clear()
+    base, tracked = _tiny(), _Tracks()
+    res = speed.time_interleaved({"none": base, "t": tracked}, "eval", batch=1, resolution=32,
+                                 warmup=1, rounds=5, threads=1, block_rounds=3)
+    assert len(res.orders) == 6                       # 5 rounds asked, rounded up to a block
+    assert res.ratios["t"].blocks == [0, 0, 0, 1, 1, 1]
+    iv = res.ratios["t"].interval
+    assert iv.blocks == 2 and iv.n == 6
+    # block 0 on the original, block 1 on a fresh copy; each: the step's class-count
+    # probe, one warm-up call and 3 timed rounds
+    assert len(set(_SEEN_INSTANCES)) == 2 and _SEEN_INSTANCES[0] == id(tracked)
+    copy_id = _SEEN_INSTANCES[-1]
+    assert _SEEN_INSTANCES.count(id(tracked)) == _SEEN_INSTANCES.count(copy_id) == 1 + 1 + 3
+    assert _SEEN_INSTANCES.index(copy_id) == 5
+
+
+def test_blocked_plan_judges_the_target_only_from_three_blocks():
+    plan = speed.Rounds(min_rounds=2, ci_target=0.5, max_rounds=100, block_rounds=2)
+    flat = lambda n: {"none": [10.0] * n, "m": [12.0] * n}  # noqa: E731
+    assert plan.stop(flat(3), "none", 0) is None       # mid-block
+    assert plan.stop(flat(4), "none", 0) is None       # 2 blocks: too few for the target
+    assert plan.stop(flat(6), "none", 0) == "target reached"
+    budget = speed.Rounds(min_rounds=2, ci_target=1e-9, budget_s=0.0, block_rounds=2)
+    assert budget.stop(flat(3), "none", 10) is None    # the budget also waits for the block
+    assert budget.stop(flat(4), "none", 10) == "time budget"

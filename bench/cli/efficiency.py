@@ -32,6 +32,9 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--min-rounds", type=POSITIVE_INT, default=10)
     p.add_argument("--max-rounds", type=POSITIVE_INT, default=400)
     p.add_argument("--budget-s", type=POSITIVE_FLOAT, default=120.0, help="seconds per group")
+    p.add_argument("--block-rounds", type=POSITIVE_INT, default=10,
+                   help="rounds per block; every model is re-instantiated between blocks "
+                        "and the interval is taken over blocks (10)")
     p.set_defaults(func=run)
 
 
@@ -69,7 +72,7 @@ def run(args) -> int:
                    modes=_modes(args.modes), device=args.device,
                    threads=args.threads, min_rounds=args.min_rounds,
                    ci_target=args.ci_target, max_rounds=args.max_rounds,
-                   budget_s=args.budget_s)
+                   budget_s=args.budget_s, block_rounds=args.block_rounds)
     modules = [m for m in E.default_modules() if not args.only or m[0] in args.only]
     unknown = sorted(set(args.only) - {m[0] for m in E.default_modules()})
     if unknown:
@@ -103,9 +106,11 @@ def _table(s, rows: List[Dict[str, Any]], limits) -> str:
                        f"{r['control_ratio']:.3f} [{r['control_lo']:.3f}, {r['control_hi']:.3f}]")
     table.append(control)
     headers = ["module", "GMac", "FLOPs limit"] + [f"b{b} {m}" for b, m in keys]
-    stops = sorted({f"{r['stop']} ({r['rounds']} rounds)" for r in ratio.values()})
+    stops = sorted({f"{r['stop']} ({r['rounds']} rounds, {r.get('blocks') or 1} blocks)"
+                    for r in ratio.values()})
     head = (f"{s.backbone} at {s.resolution}², device {s.device}, paired speed ratio to the "
-            f"plain backbone: median [95 % CI] of interleaved rounds, target +-"
+            f"plain backbone: estimate [95 % CI] over blocks of {s.block_rounds} interleaved "
+            f"rounds (mean of block medians, Student t; fresh instances each block), target +-"
             f"{100 * s.ci_target:g} %; FLOPs limit = plain GMac / module GMac (fvcore)\n"
             f"groups stopped by: {'; '.join(stops)}")
     return head + "\n" + tabulate(table, headers, tablefmt="github")

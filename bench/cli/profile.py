@@ -234,7 +234,8 @@ def _ratio_line(mode: str, ratio: Mapping[str, Any]) -> Line:
         if ratio.get("distinct") is False:
             ctrl += "; indistinguishable from the plain backbone"
     return [f"speed ratio {mode}", _fmt(ratio["value"], ".3f"), "x vs plain", "",
-            f"paired, median of {ratio.get('rounds')} rounds, 95 % CI "
+            f"paired, {ratio.get('rounds')} rounds in {ratio.get('blocks') or 1} block(s), "
+            f"95 % CI "
             f"[{_fmt(ratio.get('ratio_lo'), '.3f')}, {_fmt(ratio.get('ratio_hi'), '.3f')}], "
             f"stopped by {ratio.get('stop')}{ctrl}"]
 

@@ -10,8 +10,11 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     backbones = ["resnet50"]
     num_classes = 1000
     threads = 2                       # torch threads in each cell (default: torch's)
-    amp = false                       # autocast for timing/memory (CUDA)
-    channels_last = false
+    precision = "fp32"                # "fp32", "bf16", "fp16" (CUDA only) or a list of them:
+                                      # the autocast dtype of timing/memory (an axis)
+    # amp = true                      # the older switch: precision "fp16" on CUDA, "bf16" on CPU
+    channels_last = false             # or [false, true] (an axis)
+    compile = false                   # torch.compile the model; or [false, true] (an axis)
     baseline = true                   # add the plain backbone ("none") if not listed
 
     [timing]
@@ -20,6 +23,7 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     min_run_time = 0.0                # seconds of timed runs at least
     interleave = true                 # time the modules of a comparison in rotated rounds
     timeout_s = 600                   # per cell (per group when interleaved)
+    oom_backoff = true                # out of memory: retry at half the batch, down to 1
 
     [settings]                        # applied in each worker before latency/memory cells
     cudnn_benchmark = true            # torch.backends.cudnn.benchmark (autotuned kernels)
@@ -48,21 +52,32 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     batches = [8]
     modes = ["eval", "train"]
     repeats = 10                      # timing keys may be overridden per sweep
+    precision = ["fp32", "bf16"]      # so may precision, channels_last and compile
+    channels_last = [false, true]
 
 Every cell (a :class:`attnbench.results.Cell`) measures one metric of one model at one
 resolution, batch and mode (``params`` / ``flops`` cells: batch 1, mode null). Its id
 is a short sha256 of its canonical JSON keys, so the same cell in two runs (or two
 sweeps) has the same id. With ``interleave`` on, the latency cells of all modules
-sharing backbone, resolution, batch, mode and timing settings form one *group*
-(``cell.group``), timed together. Where a config counts FLOPs and also times (or
-measures the memory of) a training step, each such model and resolution gets a
+sharing backbone, resolution, batch, mode, precision, channels_last, compile and timing
+settings form one *group* (``cell.group``), timed together. Where a config counts FLOPs
+and also times (or measures the memory of) a training step, each such model and resolution gets a
 ``flops`` cell in mode ``train`` too: forward + backward per image. The ``[settings]``
 of latency and memory cells join their ids only when they differ from the defaults.
+
+``precision``, ``channels_last`` and ``compile`` (top level: the default of every sweep)
+are axes of the latency and memory cells, multiplied like resolutions and batches;
+``params`` and ``flops`` cells take the first precision and channels_last and are
+never compiled (FLOPs are counted on the eager model). A precision and compile join a
+cell's id only where they are not the default (``amp = true`` keeps its ids: it is the
+device's autocast dtype), so older cells keep theirs. ``fp16`` on a CPU device is
+refused (autocast on the CPU is bfloat16).
 """
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import itertools
 import re
 import sys
 from dataclasses import dataclass, field
@@ -71,9 +86,9 @@ from types import SimpleNamespace
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from attnbench.modules.registry import AttnbenchError
-from attnbench.results import (METRICS, MODES, STATIC_METRICS, Cell,  # noqa: F401
-                               SETTING_DEFAULTS, canonical_json, canonical_options, cell_id,
-                               short_hash)
+from attnbench.results import (METRICS, MODES, PRECISIONS, STATIC_METRICS, Cell,  # noqa: F401
+                               SETTING_DEFAULTS, amp_precision, canonical_json,
+                               canonical_options, cell_id, short_hash)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,19 +99,23 @@ else:  # pragma: no cover
 CONFIG_DIR = Path(str(importlib.resources.files("attnbench.configs")))
 
 TOP_KEYS = {"name", "description", "device", "backbones", "num_classes", "threads", "amp",
-            "channels_last", "baseline", "timing", "modules", "sweeps",
+            "precision", "channels_last", "compile", "baseline", "timing", "modules", "sweeps",
             "resolutions", "batches", "modes", "metrics", "settings"}
 SETTINGS_KEYS = {"cudnn_benchmark", "tf32_cudnn", "tf32_matmul", "matmul_precision"}
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 TIMING_KEYS = {"warmup", "repeats", "min_run_time", "interleave", "timeout_s", "ci_target",
-               "max_rounds", "budget_s"}
+               "max_rounds", "budget_s", "oom_backoff", "block_rounds"}
 MODULE_KEYS = {"name", "options", "stages", "backbones", "label"}
-SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMING_KEYS
+#: the execution-mode axes (top level: every sweep's default)
+AXIS_KEYS = ("precision", "channels_last", "compile")
+SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMING_KEYS \
+    | set(AXIS_KEYS)
 TIMING_DEFAULTS = {"warmup": 2, "repeats": 5, "min_run_time": 0.0, "interleave": True,
                    "timeout_s": 600.0}
 
 #: keys the ``--only`` filters accept
-FILTER_KEYS = ("module", "backbone", "resolution", "batch", "mode", "metric", "label")
+FILTER_KEYS = ("module", "backbone", "resolution", "batch", "mode", "metric", "label",
+               "precision", "channels_last", "compile")
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +147,9 @@ class Sweep:
     modes: List[str]
     backbones: List[str]
     timing: Dict[str, Any]
+    precisions: List[str] = field(default_factory=lambda: ["fp32"])
+    channels_last: List[bool] = field(default_factory=lambda: [False])
+    compile: List[bool] = field(default_factory=lambda: [False])
 
 
 @dataclass
@@ -139,8 +161,8 @@ class Config:
     backbones: List[str]
     num_classes: int
     threads: Optional[int]
-    amp: bool
-    channels_last: bool
+    amp: bool                       # as given (its precision is in the sweeps)
+    channels_last: bool             # the first top-level value (the sweeps hold the axis)
     timing: Dict[str, Any]
     modules: List[ModuleEntry]
     sweeps: List[Sweep]
@@ -237,6 +259,23 @@ class _Checker:
                     raise self.fail(key, f"{v!r} is not one of {', '.join(choices)}")
         return _unique(value)
 
+    def bool_list(self, value: Any, key: str) -> List[bool]:
+        if isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, bool) for v in value):
+            raise self.fail(key, f"must be true, false or a non-empty list of them, "
+                                 f"got {value!r}")
+        return _unique(value)
+
+    def precisions(self, value: Any, key: str, device: str) -> List[str]:
+        """Precisions of ``PRECISIONS``; fp16 only on a CUDA device."""
+        out = self.str_list(value, key, PRECISIONS)
+        if "fp16" in out and not device.startswith("cuda"):
+            raise self.fail(key, f"'fp16' needs a CUDA device (device = {device!r}); "
+                                 f"autocast on the CPU is bfloat16: use \"bf16\"")
+        return out
+
     def int_list(self, value: Any, key: str, minimum: int = 1) -> List[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
@@ -279,7 +318,7 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
         raise ck.fail("timing", "must be a table")
     timing = _timing(ck, timing_raw, dict(TIMING_DEFAULTS), "timing")
     entries = _module_entries(ck, data.get("modules"), top.backbones, top.baseline)
-    sweeps = _sweeps(ck, data, top.backbones, timing)
+    sweeps = _sweeps(ck, data, top.backbones, timing, top.device)
     return Config(path=path, text=text, name=top.name, device=top.device,
                   backbones=top.backbones, num_classes=top.num_classes, threads=top.threads,
                   amp=top.amp, channels_last=top.channels_last, timing=timing,
@@ -312,8 +351,25 @@ def _top_level(ck: _Checker, data: Mapping[str, Any], path: Optional[Path]) -> S
     return SimpleNamespace(
         name=name, device=device, backbones=backbones, num_classes=num_classes,
         threads=threads, amp=ck.bool_(data.get("amp", False), "amp"),
-        channels_last=ck.bool_(data.get("channels_last", False), "channels_last"),
+        channels_last=ck.bool_list(data.get("channels_last", False), "channels_last")[0],
         baseline=ck.bool_(data.get("baseline", True), "baseline"))
+
+
+def _top_axes(ck: _Checker, data: Mapping[str, Any], device: str) -> Dict[str, Any]:
+    """The top-level ``precision`` / ``channels_last`` / ``compile`` (the sweeps'
+    defaults); ``amp = true`` is precision ``amp_precision(device)`` (fp16 on CUDA,
+    bf16 on the CPU) and must agree with a ``precision`` given beside it."""
+    amp = ck.bool_(data.get("amp", False), "amp")
+    precision = [amp_precision(device)] if amp else ["fp32"]
+    if "precision" in data:
+        given = ck.precisions(data["precision"], "precision", device)
+        if "amp" in data and given != precision:
+            raise ck.fail("amp", f"contradicts precision = {data['precision']!r} (amp = "
+                                 f"{str(amp).lower()} is precision {precision[0]!r} on "
+                                 f"{device}); give one of the two")
+        precision = given
+    return {"precision": precision, "channels_last": data.get("channels_last", False),
+            "compile": data.get("compile", False)}
 
 
 def _backbones(ck: _Checker, value: Any) -> List[str]:
@@ -363,7 +419,7 @@ def _check_distinct(ck: _Checker, entries: List[ModuleEntry], entry: ModuleEntry
 
 
 def _sweeps(ck: _Checker, data: Mapping[str, Any], backbones: List[str],
-            timing: Dict[str, Any]) -> List[Sweep]:
+            timing: Dict[str, Any], device: str = "cpu") -> List[Sweep]:
     """The ``[[sweeps]]`` (or the top level as the one sweep), top-level keys as defaults."""
     defaults = {
         "metrics": data.get("metrics", list(METRICS)),
@@ -371,19 +427,20 @@ def _sweeps(ck: _Checker, data: Mapping[str, Any], backbones: List[str],
         "batches": data.get("batches", [1]),
         "modes": data.get("modes", ["eval"]),
         "backbones": backbones,
+        **_top_axes(ck, data, device),
     }
     sweeps_raw = data.get("sweeps")
     if sweeps_raw is None:
-        return [_sweep(ck, {}, "", defaults, backbones, timing)]
+        return [_sweep(ck, {}, "", defaults, backbones, timing, device)]
     if not isinstance(sweeps_raw, list) or not sweeps_raw or \
             not all(isinstance(s, dict) for s in sweeps_raw):
         raise ck.fail("sweeps", "must be a non-empty array of tables ([[sweeps]])")
-    return [_sweep(ck, s, f"sweeps[{i}]", defaults, backbones, timing)
+    return [_sweep(ck, s, f"sweeps[{i}]", defaults, backbones, timing, device)
             for i, s in enumerate(sweeps_raw)]
 
 
 def _sweep(ck: _Checker, s: Mapping[str, Any], key: str, defaults: Mapping[str, Any],
-           backbones: List[str], timing: Dict[str, Any]) -> Sweep:
+           backbones: List[str], timing: Dict[str, Any], device: str = "cpu") -> Sweep:
     """One sweep table ``s`` (at ``key``; ``""`` for the top level) over ``defaults``."""
     ck.keys(s, SWEEP_KEYS, key)
 
@@ -402,6 +459,9 @@ def _sweep(ck: _Checker, s: Mapping[str, Any], key: str, defaults: Mapping[str, 
         modes=ck.str_list(merged["modes"], k("modes"), MODES),
         backbones=[b.lower() for b in sweep_backbones],
         timing=_timing(ck, {t: s[t] for t in TIMING_KEYS if t in s}, timing, key),
+        precisions=ck.precisions(merged["precision"], k("precision"), device),
+        channels_last=ck.bool_list(merged["channels_last"], k("channels_last")),
+        compile=ck.bool_list(merged["compile"], k("compile")),
     )
 
 
@@ -421,13 +481,17 @@ def _timing(ck: _Checker, raw: Mapping[str, Any], base: Dict[str, Any], key: str
         out["interleave"] = ck.bool_(raw["interleave"], k("interleave"))
     if "timeout_s" in raw:
         out["timeout_s"] = ck.num(raw["timeout_s"], k("timeout_s"), 0.0, strict=True)
+    if "oom_backoff" in raw:
+        out["oom_backoff"] = ck.bool_(raw["oom_backoff"], k("oom_backoff"))
     _rounds_keys(ck, raw, out, k)
     return out
 
 
 def _rounds_keys(ck: _Checker, raw: Mapping[str, Any], out: Dict[str, Any], k) -> None:
     """The adaptive-rounds keys: ``ci_target`` (relative half-width of the ratio's 95 %
-    interval, e.g. 0.015), ``max_rounds`` and ``budget_s`` (seconds per group)."""
+    interval, e.g. 0.015), ``max_rounds``, ``budget_s`` (seconds per group) and
+    ``block_rounds`` (rounds per block; every model is re-instantiated between blocks
+    and the interval is taken over blocks, see attnbench.profilers.stats)."""
     if "ci_target" in raw:
         out["ci_target"] = ck.num(raw["ci_target"], k("ci_target"), 0.0, strict=True)
         if out["ci_target"] >= 1:
@@ -437,6 +501,8 @@ def _rounds_keys(ck: _Checker, raw: Mapping[str, Any], out: Dict[str, Any], k) -
         out["max_rounds"] = ck.int_(raw["max_rounds"], k("max_rounds"), 1)
     if "budget_s" in raw:
         out["budget_s"] = ck.num(raw["budget_s"], k("budget_s"), 0.0, strict=True)
+    if "block_rounds" in raw:
+        out["block_rounds"] = ck.int_(raw["block_rounds"], k("block_rounds"), 1)
 
 
 def _settings(ck: _Checker, raw: Any) -> Dict[str, Any]:
@@ -614,18 +680,40 @@ def _points(sweep: Sweep) -> Iterator[Tuple[str, str, int, int, Optional[str]]]:
                         yield backbone, metric, resolution, batch, mode
 
 
+def _axes(sweep: Sweep, metric: str) -> List[Tuple[str, bool, bool]]:
+    """``(precision, channels_last, compile)`` of a metric's cells: every combination
+    for latency and memory; the first precision and channels_last, eager, for params
+    and FLOPs (they do not depend on them)."""
+    if metric in STATIC_METRICS:
+        return [(sweep.precisions[0], sweep.channels_last[0], False)]
+    return list(itertools.product(sweep.precisions, sweep.channels_last, sweep.compile))
+
+
+def _group_name(config: Config, t: Mapping[str, Any], point: Tuple, axes: Tuple) -> str:
+    """The interleaved group of a latency point in one execution mode (the keys for
+    precision and compile added only where they are not the default: names as before)."""
+    backbone, _, resolution, batch, mode = point
+    precision, channels_last, compiled = axes
+    amp = precision != "fp32"
+    timing = {k: v for k, v in t.items() if k != "oom_backoff"}  # not a measurement setting
+    keys = ([backbone, resolution, batch, mode, config.device, timing, amp, channels_last,
+             config.threads, config.num_classes]
+            + [v for k, v in config.settings.items() if v != SETTING_DEFAULTS[k]])
+    if precision != (amp_precision(config.device) if amp else "fp32"):
+        keys.append({"precision": precision})
+    if compiled:
+        keys.append({"compile": True})
+    return "g" + short_hash(keys, 10)
+
+
 def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
-    """The cells of one sweep: each point for each module entry on its backbone."""
+    """The cells of one sweep: each point and execution mode (:func:`_axes`) for each
+    module entry on its backbone."""
     t = sweep.timing
-    for backbone, metric, resolution, batch, mode in _points(sweep):
-        group = None
-        if metric == "latency" and t["interleave"]:
-            group = "g" + short_hash([backbone, resolution, batch, mode, config.device, t,
-                                      config.amp, config.channels_last, config.threads,
-                                      config.num_classes]
-                                     + [v for k, v in config.settings.items()
-                                        if v != SETTING_DEFAULTS[k]], 10)
+    for point, axes in ((p, a) for p in _points(sweep) for a in _axes(sweep, p[1])):
+        backbone, metric, resolution, batch, mode = point
         timed = metric == "latency"  # timing settings apply to latency cells only
+        group = _group_name(config, t, point, axes) if timed and t["interleave"] else None
         for entry in config.modules:
             if entry.backbones is not None and backbone not in entry.backbones:
                 continue
@@ -638,8 +726,10 @@ def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
                 min_run_time=t["min_run_time"] if timed else None,
                 ci_target=t.get("ci_target") if timed else None,
                 max_rounds=t.get("max_rounds") if timed else None,
-                budget_s=t.get("budget_s") if timed else None, amp=config.amp,
-                channels_last=config.channels_last, threads=config.threads,
+                budget_s=t.get("budget_s") if timed else None,
+                block_rounds=t.get("block_rounds") if timed else None,
+                amp=axes[0] != "fp32", precision=axes[0], channels_last=axes[1],
+                compile=axes[2], oom_backoff=t.get("oom_backoff", True), threads=config.threads,
                 num_classes=config.num_classes, timeout_s=t["timeout_s"], group=group,
                 **(config.settings if metric in ("latency", "memory") else {}))
 

@@ -38,6 +38,7 @@ class Settings:
     ci_target: float = 0.015
     max_rounds: int = 400
     budget_s: float = 120.0
+    block_rounds: Optional[int] = 10
 
 
 def default_modules() -> List[ModuleSpec]:
@@ -55,7 +56,7 @@ def _cell(s: Settings, module: ModuleSpec, batch: int, mode: Optional[str],
                 resolution=s.resolution, batch=batch, mode=mode, device=s.device,
                 metrics=(metric,), warmup=s.warmup, repeats=s.min_rounds,
                 ci_target=s.ci_target, max_rounds=s.max_rounds, budget_s=s.budget_s,
-                threads=s.threads, group="efficiency")
+                block_rounds=s.block_rounds, threads=s.threads, group="efficiency")
 
 
 def flops_rows(s: Settings, modules: Sequence[ModuleSpec]) -> List[Dict[str, Any]]:

@@ -5,8 +5,8 @@ profile``): one cell (or one interleaved group of latency cells) in, result rows
 A cell is a :class:`attnbench.results.Cell` (or a dict of its fields): ``backbone,
 module ("none" or a registry name), options, stages, resolution, batch, mode
 ("eval"/"train"/None), device, metrics`` (of ``params, flops, latency, memory``) and
-the settings ``warmup, repeats, min_run_time, amp, channels_last, threads,
-num_classes``; a setting that is ``None`` takes the Cell's default.
+the settings ``warmup, repeats, min_run_time, amp, precision, channels_last, compile,
+threads, num_classes, oom_backoff``; a setting that is ``None`` takes the Cell's default.
 
 Rows per metric:
 
@@ -21,7 +21,8 @@ Rows per metric:
   image, forward + backward, torch's counter).
 * ``latency`` (timed alone): ``latency``, ``latency_p25``, ``latency_p75`` (ms per
   batch), ``throughput`` (img/s); in :func:`measure_group` also ``speed_ratio`` (x):
-  the median of the paired per-round ratios plain / module with its 95 % interval
+  the paired per-round ratio plain / module, over blocks of fresh instances (``blocks``,
+  ``block_rounds``), with its 95 % interval
   (``ratio_lo``, ``ratio_hi``, ``ratio_ci`` = relative half-width), the rounds' stop
   reason and load average, and the A/A control's ratio and interval (``control_*``;
   ``distinct``: whether the module clears the control's noise floor).
@@ -33,10 +34,29 @@ Latency and memory are measured in the cell's mode, or in both modes when it is
 step changes the weights), so figures do not depend on the order of metrics. A
 metric that raises gives ``status="failed"`` rows with the error and the others
 go on (with ``strict=True`` the error is raised instead). Extra columns: ``threads``,
-``amp``, ``channels_last``, ``warmup``, ``repeats`` on timing rows.
+``amp``, ``precision``, ``channels_last``, ``compile``, ``warmup``, ``repeats``,
+``batch_used`` on timing rows (memory rows: the first four and ``batch_used``).
+
+Execution modes (timm's benchmark.py offers the same): ``precision`` is the autocast
+dtype (fp32: none; bf16; fp16, with a GradScaler on CUDA); with ``compile`` the model
+is wrapped by ``torch.compile`` and called once, untimed, before the warm-up: that
+call's wall time is the latency rows' ``compile_s``, never part of the timed runs. A
+compiled ``flops`` cell is not counted (failed rows saying why: FLOPs are counted on
+the eager model).
+
+Out of memory (``torch.OutOfMemoryError`` or a RuntimeError saying so), with the cell's
+``oom_backoff`` on (the default): a latency or memory measurement at batch N > 1 is
+retried at N // 2, down to batch 1 (timm's ``decay_batch_step`` backs off the same way,
+in finer steps). Its rows keep ``batch`` = the requested batch and record
+``batch_used``; the report shows them at the batch used. In an interleaved group only
+the model that ran out of memory backs off, and it is timed apart from the group, with
+a plain backbone and A/A control of its own at the smaller batch (a speed ratio always
+compares equal batches); the group's other models keep their rows at the requested
+batch. Rows that fail at batch 1 too say so in ``error``.
 """
 from __future__ import annotations
 
+import gc
 import math
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -48,7 +68,8 @@ from attnbench.profilers import memory as _memory
 from attnbench.profilers import params as _params
 from attnbench.profilers import speed as _speed
 from attnbench.profilers import stats as _stats
-from attnbench.results import STATIC_METRICS, Cell, canonical_json, error_text, failed_rows, ok_row
+from attnbench.results import (STATIC_METRICS, Cell, canonical_json, error_text, failed_rows,
+                               is_oom, ok_row)
 
 CellLike = Union[Cell, Mapping[str, Any]]
 Rows = List[Dict[str, Any]]
@@ -69,8 +90,12 @@ CONTROL = "control"
 #: the ``method`` of the failed rows of a FLOP count
 FLOPS_METHODS = ["fvcore", "ptflops-pytorch", _flops.TORCH_COUNTER, ""]
 #: the settings the cells of an interleaved group share
-GROUP_KEYS = ("backbone", "resolution", "batch", "mode", "device", "amp", "channels_last",
-              "num_classes")
+GROUP_KEYS = ("backbone", "resolution", "batch", "mode", "device", "amp", "precision",
+              "channels_last", "compile", "num_classes")
+#: the error of the FLOP rows of a compiled cell
+COMPILED_FLOPS = ("not counted: FLOPs are counted on the eager model, and this cell is "
+                  "compiled (torch.compile); its FLOPs are those of the same cell with "
+                  "compile = false")
 
 
 def build(cell: Cell):
@@ -95,10 +120,16 @@ def _label(cell: Cell) -> Optional[str]:
 
 
 def _timing_extra(c: Cell, stats: Optional[_speed.SpeedStats] = None) -> Dict[str, Any]:
-    return {"threads": (stats.threads if stats is not None else c.threads),
-            "amp": bool(c.amp), "channels_last": bool(c.channels_last),
-            "warmup": int(c.warmup or 0),
-            "repeats": stats.repeats if stats is not None else c.repeats}
+    out = {"threads": (stats.threads if stats is not None else c.threads),
+           "amp": bool(c.amp), "precision": c.precision,
+           "channels_last": bool(c.channels_last), "compile": bool(c.compile),
+           "warmup": int(c.warmup or 0),
+           "repeats": stats.repeats if stats is not None else c.repeats}
+    if stats is not None:
+        out["batch_used"] = stats.batch
+        if c.compile:  # the compiling first call, never part of the timed runs
+            out["compile_s"] = stats.compile_s
+    return out
 
 
 def _modes(c: Cell) -> List[str]:
@@ -123,8 +154,14 @@ def measure_cell(cell: CellLike, *, flop_rules: bool = True, strict: bool = Fals
 
 def _measure_metric(c: Cell, metric: str, mode: Optional[str], label: Optional[str],
                     flop_rules: bool, strict: bool) -> Rows:
-    """The rows of one metric in one mode, on a freshly built model."""
+    """The rows of one metric in one mode, on a freshly built model; out of memory at a
+    batch over 1: the same at half the batch (:func:`_backoff_batch`)."""
     base = c.base_row(mode, label)
+    if metric == "flops" and c.compile:
+        pairs, methods = _pairs(c, metric)
+        return failed_rows(base, pairs, COMPILED_FLOPS, methods)
+    _fresh_compiler(c)
+    model = None
     try:
         model = build(c)
         base["label"] = getattr(model, "attnbench_label", label)
@@ -132,10 +169,71 @@ def _measure_metric(c: Cell, metric: str, mode: Optional[str], label: Optional[s
             return _m_flops(c, model, base, flop_rules)
         return _MEASURE[metric](c, model, base, mode)
     except Exception as err:  # noqa: BLE001 - recorded as a failed row
-        if strict:
-            raise
-        pairs, methods = _pairs(c, metric)
-        return failed_rows(base, pairs, error_text(err), methods)
+        smaller = _backoff_batch(c, metric, err)
+        if smaller is None:
+            if strict:
+                raise
+            pairs, methods = _pairs(c, metric)
+            return failed_rows(base, pairs, error_text(err), methods)
+    del model  # out of the except block: the error's frames (and tensors) are freed
+    _free_memory(c.device)
+    rows = _measure_metric(c.replace(batch=smaller), metric, mode, label, flop_rules, strict)
+    return _backed_off(rows, c.batch)
+
+
+# --------------------------------------------------------------------------- OOM back-off
+
+def _backoff_batch(c: Cell, metric: str, err: BaseException) -> Optional[int]:
+    """The batch to retry a latency or memory measurement at after ``err``: half the
+    cell's (at least 1) when ``err`` is out of memory, the batch is over 1 and the
+    cell's ``oom_backoff`` is on (timm's benchmark.py backs off the same way, in finer
+    steps); None otherwise."""
+    if metric not in ("latency", "memory") or not c.oom_backoff or c.batch <= 1:
+        return None
+    return max(1, c.batch // 2) if is_oom(err) else None
+
+
+def _free_memory(device: str) -> None:
+    """Collect garbage (and empty CUDA's cache) before a retry at a smaller batch."""
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _backed_off(rows: Rows, requested: int) -> Rows:
+    """The rows of a measurement retried at a smaller batch as rows of the ``requested``
+    one: ``batch`` stays the requested batch, ``batch_used`` is the batch measured
+    (measured rows) and ``method`` / ``error`` say so."""
+    out = []
+    for row in rows:
+        row = dict(row, batch=requested)
+        if row["status"] == "ok":
+            used = row.get("batch_used")
+            method = str(row.get("method") or "").split("; batch backed off")[0]
+            row["method"] = f"{method}; batch backed off {requested} -> {used} (out of memory)"
+        elif "out of memory" in str(row.get("error") or "").lower():  # at every batch
+            error = str(row["error"]).split(" (out of memory down to")[0]
+            row["error"] = f"{error} (out of memory down to batch {row.get('batch_used') or 1}" \
+                           f", requested {requested})"
+            row.pop("batch_used", None)
+        out.append(row)
+    return out
+
+
+def _fresh_compiler(c: Cell) -> None:
+    """A compiled cell (or group) starts with torch.compile's caches cleared, so models
+    compiled for earlier cells do not count against its recompile limit; the limit is
+    raised to 64 (a group compiles each of its models) and reaching it is an error, not
+    a silent fall-back to the eager model under the compiled cell's name."""
+    if not c.compile:
+        return
+    import torch._dynamo
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(64, int(getattr(config, name))))
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
 
 
 def _pairs(c: Cell, metric: str):
@@ -176,7 +274,7 @@ def _m_latency(c: Cell, model, base, mode) -> Rows:
                               warmup=int(c.warmup or 0), repeats=int(c.repeats or 1),
                               min_run_time=float(c.min_run_time or 0.0),
                               amp=bool(c.amp), channels_last=bool(c.channels_last),
-                              seed=SEED)
+                              seed=SEED, precision=c.precision, compile=bool(c.compile))
     return _latency_rows(base, stats, stats.method + " (timed alone)", _timing_extra(c, stats))
 
 
@@ -191,8 +289,10 @@ def _latency_rows(base, stats: _speed.SpeedStats, method: str, extra) -> Rows:
 def _m_memory(c: Cell, model, base, mode) -> Rows:
     stats = _memory.peak_memory(model, mode, c.batch, c.resolution, c.device,
                                 amp=bool(c.amp), channels_last=bool(c.channels_last),
-                                seed=SEED)
-    extra = {k: v for k, v in _timing_extra(c).items() if k in ("amp", "channels_last")}
+                                seed=SEED, precision=c.precision, compile=bool(c.compile))
+    extra = {k: v for k, v in _timing_extra(c).items()
+             if k in ("amp", "precision", "channels_last", "compile")}
+    extra["batch_used"] = stats.batch
     extra["threads"] = torch.get_num_threads() if stats.device.startswith("cpu") else None
     return [ok_row(base, metric, value, unit, method, start_memory_mib=stats.start_mib,
                    **extra) for metric, value, unit, method in stats.metrics()]
@@ -205,10 +305,12 @@ _MEASURE = {"params": _m_params, "latency": _m_latency, "memory": _m_memory}
 
 def measure_group(cells: Sequence[CellLike], *, strict: bool = False) -> Rows:
     """Interleaved latency of several modules sharing backbone, resolution, batch,
-    mode and device: latency/throughput rows plus ``speed_ratio`` (median over rounds
-    of plain latency / module latency) and ``latency_ratio_p25/p75`` (its quartiles)
-    for each cell. The plain backbone is timed in the same rounds even when no cell
-    asks for it (its rows then are not returned). Returns one flat list of rows."""
+    mode and device: latency/throughput rows plus ``speed_ratio`` (the paired per-round
+    ratio plain latency / module latency: the mean of its block medians with a t
+    interval over blocks, or with one block the median with its order-statistic
+    interval; :mod:`attnbench.profilers.stats`) for each cell. The plain backbone is
+    timed in the same rounds even when no cell asks for it (its rows then are not
+    returned). Returns one flat list of rows."""
     if not cells:
         return []
     cs = [Cell.of(c).resolved() for c in cells]
@@ -217,8 +319,10 @@ def measure_group(cells: Sequence[CellLike], *, strict: bool = False) -> Rows:
         diff = [k for k in GROUP_KEYS if getattr(c, k) != getattr(first, k)]
         if diff:
             raise ValueError(f"measure_group: cells differ in {', '.join(diff)}; a group "
-                             f"shares backbone, resolution, batch, mode and device")
+                             f"shares backbone, resolution, batch, mode, device, precision, "
+                             f"channels_last and compile")
     rows: Rows = []
+    _fresh_compiler(first)
     with _speed.num_threads(first.threads):
         for mode in _modes(first):
             rows.extend(_group_mode(cs, mode, strict))
@@ -251,12 +355,29 @@ def _group_mode(cs: List[Cell], mode: str, strict: bool) -> Rows:
     control = _control_extra(result)
     for key, base in bases.items():
         if key in result.errors:
-            rows.extend(failed_rows(base, pairs, error_text(result.errors[key])))
+            rows.extend(_failed_in_group(cs[int(key)], base, pairs, result.errors[key], mode,
+                                         strict))
         elif key not in result.stats:
             rows.extend(failed_rows(base, pairs, f"not timed: {result.stop}"))
         else:
             rows.extend(_group_rows(cs[0], base, result, key, ref, control))
     return rows
+
+
+def _failed_in_group(c: Cell, base, pairs, err: BaseException, mode: str,
+                     strict: bool) -> Rows:
+    """The rows of a group's model that failed with ``err``: failed rows, or -- out of
+    memory, with ``oom_backoff`` -- the model timed apart from its group at half the
+    batch (again halved while it runs out of memory, down to batch 1), in a group of
+    its own with a freshly built plain backbone and A/A control at that batch, so that
+    its speed ratio compares equal batches. Its rows keep the requested ``batch`` and
+    record ``batch_used``; the group's other models are not timed again."""
+    smaller = _backoff_batch(c, "latency", err)
+    if smaller is None:
+        return failed_rows(base, pairs, error_text(err))
+    err.__traceback__ = None  # frees the failed step's tensors
+    _free_memory(c.device)
+    return _backed_off(_group_mode([c.replace(batch=smaller)], mode, strict), c.batch)
 
 
 def _control_extra(result: _speed.InterleavedResult) -> Dict[str, Any]:
@@ -265,7 +386,8 @@ def _control_extra(result: _speed.InterleavedResult) -> Dict[str, Any]:
     if ratio is None:
         return {"control_ratio": None, "control_lo": None, "control_hi": None}
     iv = ratio.interval
-    return {"control_ratio": iv.median, "control_lo": _finite(iv.lo), "control_hi": _finite(iv.hi)}
+    return {"control_ratio": iv.estimate, "control_lo": _finite(iv.lo),
+            "control_hi": _finite(iv.hi)}
 
 
 def _finite(x: float) -> Optional[float]:
@@ -303,7 +425,9 @@ def _time_group(first: Cell, models: Dict[str, Any], mode: str, baseline: str):
         warmup=int(first.warmup or 0), rounds=int(first.repeats or 1),
         min_run_time=float(first.min_run_time or 0.0), amp=bool(first.amp),
         channels_last=bool(first.channels_last), baseline=baseline, seed=SEED,
-        ci_target=first.ci_target, max_rounds=first.max_rounds, budget_s=first.budget_s)
+        precision=first.precision, compile=bool(first.compile),
+        ci_target=first.ci_target, max_rounds=first.max_rounds, budget_s=first.budget_s,
+        block_rounds=first.block_rounds)
 
 
 def _group_rows(first: Cell, base, result: _speed.InterleavedResult, key: str,
@@ -318,16 +442,17 @@ def _group_rows(first: Cell, base, result: _speed.InterleavedResult, key: str,
     if ratio is None:  # the baseline itself failed: no ratio
         return rows + failed_rows(base, RATIO_METRICS, "the plain backbone failed", **extra)
     iv = ratio.interval
-    rmethod = (f"paired per-round ratio {ref} latency / {base['label']} latency, median "
-               f"of {iv.n} interleaved rounds with its 95 % order-statistic interval")
+    rmethod = (f"paired per-round ratio {ref} latency / {base['label']} latency, "
+               + _stats.describe(iv))
     lo, hi = _finite(iv.lo), _finite(iv.hi)
     distinct = None
     if control["control_ratio"] is not None and key != result.baseline:
         ctrl = result.ratios[CONTROL].interval
         distinct = _stats.distinguishable(iv, ctrl)
-    rows.append(ok_row(base, "speed_ratio", iv.median, "x", rmethod, ratio_lo=lo,
+    rows.append(ok_row(base, "speed_ratio", iv.estimate, "x", rmethod, ratio_lo=lo,
                        ratio_hi=hi, ratio_ci=_finite(iv.half_width), stop=result.stop,
                        ci_target=result.ci_target, load_start=_finite(result.load[0]),
                        load_end=_finite(result.load[1]), group_wall_s=round(result.wall_s, 3),
-                       distinct=distinct, **control, **extra))
+                       distinct=distinct, blocks=iv.blocks, block_rounds=first.block_rounds,
+                       **control, **extra))
     return rows

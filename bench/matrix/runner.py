@@ -80,8 +80,8 @@ def _cell_settings(cell: Cell) -> Row:
     FLOPs), so that its failed rows carry the identity its measured rows would."""
     if cell.metrics[0] in R.STATIC_METRICS:
         return {}
-    out: Row = {"threads": cell.threads, "amp": bool(cell.amp),
-                "channels_last": bool(cell.channels_last)}
+    out: Row = {"threads": cell.threads, "amp": bool(cell.amp), "precision": cell.precision,
+                "channels_last": bool(cell.channels_last), "compile": bool(cell.compile)}
     out.update(cell.settings())
     return out
 

@@ -260,12 +260,16 @@ def _cuda_peaks(step, dev) -> Tuple[int, int, int]:
 
 def peak_memory(model: nn.Module, mode: str = "eval", batch: int = 8, resolution: int = 224,
                 device: str = "cpu", amp: bool = False, channels_last: bool = False,
-                threads: Optional[int] = None, seed: int = 0) -> MemoryStats:
-    """Peak memory of one ``mode`` step of ``model`` (see the module docstring)."""
+                threads: Optional[int] = None, seed: int = 0, precision: Optional[str] = None,
+                compile: bool = False) -> MemoryStats:
+    """Peak memory of one ``mode`` step of ``model`` (see the module docstring), in
+    ``precision`` (autocast dtype; None: what ``amp`` means) and, with ``compile``, of
+    the model wrapped by ``torch.compile`` (compiled by its first, unmeasured step)."""
     check_device(device)
     extra: Dict[str, Any] = {}
     with num_threads(threads):
-        step = Step(model, mode, batch, resolution, device, amp, channels_last, seed)
+        step = Step(model, mode, batch, resolution, device, amp, channels_last, seed,
+                    precision, compile)
         dev = step.device
         step()  # steady state: optimizer state, lazy buffers
         if step.optimizer is not None:

@@ -33,6 +33,8 @@ training step changes their weights.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import gc
 import math
 import os
@@ -45,10 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.profilers.env import check_device
-from attnbench.profilers.stats import Interval, median_interval, paired_ratios, round_order
+from attnbench.profilers.stats import (Interval, block_interval, median_interval, round_order)
 
 MODES = ("eval", "train")
 MAX_REPEATS = 1000
+#: fewest blocks from which a blocked ratio's interval may end the rounds (t with 2 df)
+MIN_BLOCKS = 3
 
 
 # --------------------------------------------------------------------------- statistics
@@ -77,6 +81,8 @@ class SpeedStats:
     threads: Optional[int]          # torch.get_num_threads() during the runs (CPU)
     amp: bool = False
     channels_last: bool = False
+    precision: str = "fp32"         # the autocast dtype ("fp32": no autocast)
+    compile_s: Optional[float] = None   # torch.compile: seconds of the first (compiling) call
 
     @property
     def repeats(self) -> int:
@@ -101,26 +107,31 @@ class SpeedStats:
 
     @property
     def method(self) -> str:
-        extra = "".join([", amp" if self.amp else "", ", channels_last" if self.channels_last
-                         else "", f", {self.threads} threads" if self.threads else ""])
+        amp = f", amp {self.precision}" if self.precision != "fp32" else (
+            ", amp" if self.amp else "")
+        extra = "".join([amp,
+                         ", channels_last" if self.channels_last else "",
+                         ", torch.compile" if self.compile_s is not None else "",
+                         f", {self.threads} threads" if self.threads else ""])
         return (f"{self.timer}, median of {self.repeats} runs after {self.warmup} warm-up"
                 f"{extra}")
 
 
 @dataclass
 class RatioStats:
-    """Paired per-round ratios baseline latency / model latency (the throughput ratio)."""
+    """Paired per-round ratios baseline latency / model latency (the throughput ratio),
+    with the block each round was timed in (:func:`~attnbench.profilers.stats.block_interval`)."""
 
     per_round: List[float]
+    blocks: List[int] = field(default_factory=list)
 
     @property
     def interval(self) -> Interval:
-        """Median and 95 % order-statistic interval over rounds (the suite's definition)."""
+        """The suite's definition: the mean of the block medians with its Student-t 95 %
+        interval over blocks; with one block, the median with its order-statistic one."""
+        if len(self.blocks) == len(self.per_round) and len(set(self.blocks)) > 1:
+            return block_interval(self.per_round, self.blocks)
         return median_interval(self.per_round)
-
-    @property
-    def median(self) -> float:
-        return quantile(self.per_round, 0.5)
 
     @property
     def p25(self) -> float:
@@ -164,11 +175,29 @@ def _num_classes(model: nn.Module) -> Optional[int]:
     return None
 
 
-def autocast_context(device: torch.device, amp: bool):
+#: the autocast dtype of each precision (fp32: no autocast)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_of(device: torch.device, amp: bool, precision: Optional[str] = None) -> str:
+    """The precision a step runs in: ``precision`` if given, else what ``amp`` means on
+    ``device`` (fp16 on CUDA, bf16 elsewhere; fp32 without amp)."""
+    if precision is not None:
+        if precision != "fp32" and precision not in DTYPES:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        return precision
     if not amp:
+        return "fp32"
+    return "fp16" if torch.device(device).type == "cuda" else "bf16"
+
+
+def autocast_context(device: torch.device, amp: bool, precision: Optional[str] = None):
+    """``torch.autocast`` to the dtype of ``precision`` (:func:`precision_of`), or a null
+    context for fp32."""
+    precision = precision_of(device, amp, precision)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def backward_step(loss: torch.Tensor, optimizer, scaler=None) -> None:
@@ -189,19 +218,27 @@ class Step:
 
     Inputs and targets are made once, from ``seed``, on the device. SGD: lr 0.01,
     momentum 0.9, weight decay 1e-4 (momentum buffers appear at the first step).
-    With ``amp`` on CUDA a GradScaler scales the loss (float16); on the CPU autocast
-    uses bfloat16.
+    ``precision`` ("fp32", "bf16", "fp16"; None: what ``amp`` means, float16 on CUDA and
+    bfloat16 on the CPU) is the autocast dtype; a GradScaler scales the loss for
+    float16 on CUDA only.
+
+    With ``compile`` the model is wrapped by ``torch.compile`` and the step is called
+    once here, untimed: ``compile_s`` is the wall time of that first call (tracing,
+    compiling and the first run, synchronised), kept apart from the timed runs.
     """
 
     def __init__(self, model: nn.Module, mode: str = "eval", batch: int = 8,
                  resolution: int = 224, device: str = "cpu", amp: bool = False,
-                 channels_last: bool = False, seed: int = 0):
+                 channels_last: bool = False, seed: int = 0, precision: Optional[str] = None,
+                 compile: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.device = torch.device(check_device(device))  # mps refused: no synchronised timer
         self.mode = mode
-        self.amp = bool(amp)
+        self.precision = precision_of(self.device, amp, precision)
+        self.amp = self.precision != "fp32"
         self.channels_last = bool(channels_last)
+        self.compile_s: Optional[float] = None
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=fmt)
         gen = torch.Generator().manual_seed(seed)
@@ -218,18 +255,29 @@ class Step:
             self.model.train()
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9,
                                              weight_decay=1e-4)
-            if self.amp and self.device.type == "cuda":
+            if self.precision == "fp16" and self.device.type == "cuda":
                 self.scaler = torch.amp.GradScaler("cuda")
         else:
             self.model.eval()
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """``torch.compile`` the model and time its first (compiling) step."""
+        self.model = torch.compile(self.model)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self()
+        _sync(self.device)
+        self.compile_s = time.perf_counter() - t0
 
     def __call__(self) -> None:
         if self.mode == "eval":
-            with torch.no_grad(), autocast_context(self.device, self.amp):
+            with torch.no_grad(), autocast_context(self.device, self.amp, self.precision):
                 self.model(self.x)
             return
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.device, self.amp):
+        with autocast_context(self.device, self.amp, self.precision):
             out = self.model(self.x)
         loss = F.cross_entropy(out.float(), self.y)
         backward_step(loss, self.optimizer, self.scaler)
@@ -321,11 +369,14 @@ def _enough(times: List[float], repeats: int, min_run_time: float) -> bool:
 def time_model(model: nn.Module, mode: str = "eval", batch: int = 8, resolution: int = 224,
                device: str = "cpu", warmup: int = 2, repeats: int = 10,
                min_run_time: float = 0.0, amp: bool = False, channels_last: bool = False,
-               threads: Optional[int] = None, seed: int = 0) -> SpeedStats:
+               threads: Optional[int] = None, seed: int = 0, precision: Optional[str] = None,
+               compile: bool = False) -> SpeedStats:
     """Time ``model`` alone: ``warmup`` untimed steps, then at least ``repeats`` timed
-    steps and until the timed total reaches ``min_run_time`` seconds (at most 1000)."""
+    steps and until the timed total reaches ``min_run_time`` seconds (at most 1000).
+    With ``compile`` the compiling first call comes before the warm-up (``compile_s``)."""
     with num_threads(threads):
-        step = Step(model, mode, batch, resolution, device, amp, channels_last, seed)
+        step = Step(model, mode, batch, resolution, device, amp, channels_last, seed,
+                    precision, compile)
         timer = _RunTimer(step, step.device)
         for _ in range(max(0, int(warmup))):
             step()
@@ -336,8 +387,9 @@ def time_model(model: nn.Module, mode: str = "eval", batch: int = 8, resolution:
         used = torch.get_num_threads()
     return SpeedStats(mode=mode, device=str(step.device), batch=batch, resolution=resolution,
                       times_ms=times, warmup=int(warmup), timer=timer.name,
-                      threads=used if step.device.type == "cpu" else None, amp=bool(amp),
-                      channels_last=bool(channels_last))
+                      threads=used if step.device.type == "cpu" else None, amp=step.amp,
+                      channels_last=bool(channels_last), precision=step.precision,
+                      compile_s=step.compile_s)
 
 
 def _sync(device: torch.device) -> None:
@@ -359,24 +411,34 @@ def find_baseline(models: Dict[str, nn.Module]) -> Optional[str]:
 class Rounds:
     """When interleaved timing stops: after at least ``min_rounds`` rounds, once every
     ratio's interval is within +-``ci_target`` (None: once every model has run for
-    ``min_run_time`` s), or at ``max_rounds`` / after ``budget_s`` seconds."""
+    ``min_run_time`` s), or at ``max_rounds`` / after ``budget_s`` seconds. With
+    ``block_rounds`` the rounds come in blocks of that many (see :func:`time_interleaved`):
+    the plan stops only at the end of a block, and judges the target only from
+    ``MIN_BLOCKS`` blocks on."""
 
     min_rounds: int = 10
     ci_target: Optional[float] = None
     max_rounds: int = MAX_REPEATS
     budget_s: Optional[float] = None
     min_run_time: float = 0.0
+    block_rounds: Optional[int] = None
+
+    def block_of(self, round_index: int) -> int:
+        """The block of round ``round_index`` (0 without blocks)."""
+        return round_index // self.block_rounds if self.block_rounds else 0
 
     def stop(self, times: Dict[str, List[float]], baseline: Optional[str],
              elapsed: float) -> Optional[str]:
         """The reason to stop now, or None to time another round."""
         n = min((len(v) for v in times.values()), default=0)
-        if n < max(1, self.min_rounds):
+        if n < max(1, self.min_rounds) or (self.block_rounds and n % self.block_rounds):
             return None
+        blocks = [self.block_of(i) for i in range(n)]
         if self.ci_target is None:
             if all(_enough(v, self.min_rounds, self.min_run_time) for v in times.values()):
                 return "fixed rounds"
-        elif baseline is None or _widest(times, baseline) <= self.ci_target:
+        elif baseline is None or (len(set(blocks)) >= (MIN_BLOCKS if self.block_rounds else 1)
+                                  and _widest(times, baseline, blocks) <= self.ci_target):
             return "target reached"
         if n >= self.max_rounds:
             return "max rounds"
@@ -385,9 +447,9 @@ class Rounds:
         return None
 
 
-def _widest(times: Dict[str, List[float]], baseline: str) -> float:
+def _widest(times: Dict[str, List[float]], baseline: str, blocks: List[int]) -> float:
     """The largest relative half-width of the ratio intervals of the non-baseline models."""
-    widths = [median_interval(paired_ratios(times[baseline], v)).half_width
+    widths = [_ratio_stats(times[baseline], v, blocks).interval.half_width
               for k, v in times.items() if k != baseline]
     return max(widths, default=0.0)
 
@@ -405,13 +467,21 @@ def time_interleaved(models: Dict[str, nn.Module], mode: str = "eval", batch: in
                      channels_last: bool = False, threads: Optional[int] = None,
                      baseline: Optional[str] = None, seed: int = 0,
                      ci_target: Optional[float] = None, max_rounds: Optional[int] = None,
-                     budget_s: Optional[float] = None) -> InterleavedResult:
+                     budget_s: Optional[float] = None, precision: Optional[str] = None,
+                     compile: bool = False, block_rounds: Optional[int] = None
+                     ) -> InterleavedResult:
     """Time ``models`` (label -> model) in interleaved rounds (see the module docstring).
 
     ``warmup`` untimed rounds, then rounds in a seeded random order until :class:`Rounds`
     says stop (``rounds`` is the minimum). Ratio per round = baseline latency / model
     latency; ``baseline`` defaults to :func:`find_baseline`. All models get the same
     inputs (``seed``). Models that fail are dropped and listed in ``errors``.
+
+    With ``block_rounds`` the rounds come in blocks of that many; before each block after
+    the first every model is re-instantiated (:func:`_renewer`) and warmed up once, and
+    each ratio is summarised over blocks (:func:`attnbench.profilers.stats.block_interval`).
+    A compiled model is not re-instantiated (that would compile it again): its blocks
+    only split the rounds in time.
     """
     if not models:
         raise ValueError("time_interleaved: no models given")
@@ -420,40 +490,68 @@ def time_interleaved(models: Dict[str, nn.Module], mode: str = "eval", batch: in
     elif baseline not in models:
         raise ValueError(f"time_interleaved: baseline {baseline!r} is not one of {list(models)}")
     plan = Rounds(int(rounds), ci_target, int(max_rounds or MAX_REPEATS), budget_s,
-                  float(min_run_time or 0.0))
+                  float(min_run_time or 0.0), int(block_rounds) if block_rounds else None)
     load0, t0 = _load(), time.perf_counter()
     with num_threads(threads):
         errors: Dict[str, BaseException] = {}
         steps = _make_steps(models, errors, mode, batch, resolution, device, amp,
-                            channels_last, seed)
+                            channels_last, seed, precision, compile)
         dev = torch.device(device)
         timers = {k: _RunTimer(s, dev) for k, s in steps.items()}
         _warm_up(steps, errors, warmup, seed)
         _sync(dev)
-        times, orders, stop = _timed_rounds(timers, errors, plan, baseline, seed, t0)
+        make = functools.partial(_remake, mode=mode, batch=batch, resolution=resolution,
+                                 device=device, amp=amp, channels_last=channels_last,
+                                 seed=seed, precision=precision)
+        renew = _renewer(steps, timers, errors, make, seed) if not compile else None
+        # the budget counts the timed rounds only, not building, compiling or warming up
+        times, orders, stop = _timed_rounds(timers, errors, plan, baseline, seed,
+                                            time.perf_counter(), renew)
         used = torch.get_num_threads()
     name = next(iter(timers.values())).name if timers else "none"
     stats = {k: SpeedStats(mode=mode, device=str(dev), batch=batch, resolution=resolution,
                            times_ms=v, warmup=int(warmup), timer=name,
                            threads=used if dev.type == "cpu" else None, amp=bool(amp),
-                           channels_last=bool(channels_last)) for k, v in times.items()}
+                           channels_last=bool(channels_last), **_step_stats(steps.get(k)))
+             for k, v in times.items()}
     ok_base = baseline if baseline in times else None
-    ratios = {k: (RatioStats(paired_ratios(times[ok_base], v)) if ok_base else None)
+    blocks = [plan.block_of(i) for i in range(len(orders))]
+    ratios = {k: (_ratio_stats(times[ok_base], v, blocks) if ok_base else None)
               for k, v in times.items()}
     return InterleavedResult(stats=stats, ratios=ratios, baseline=baseline, orders=orders,
                              stop=stop, ci_target=ci_target, load=(load0, _load()),
                              wall_s=time.perf_counter() - t0, errors=errors)
 
 
-def _make_steps(models, errors, mode, batch, resolution, device, amp, channels_last, seed):
-    """A :class:`Step` per model; a model whose step cannot be made goes to ``errors``."""
+def _remake(model: nn.Module, **how) -> "Step":
+    return Step(model, **how)
+
+
+def _ratio_stats(base: List[float], model: List[float], blocks: List[int]) -> RatioStats:
+    """The paired ratios of two models' rounds, with the block of each round."""
+    pairs = [(b / m, blk) for b, m, blk in zip(base, model, blocks) if b > 0 and m > 0]
+    return RatioStats([r for r, _ in pairs], [blk for _, blk in pairs])
+
+
+def _make_steps(models, errors, mode, batch, resolution, device, amp, channels_last, seed,
+                precision=None, compile=False):
+    """A :class:`Step` per model; a model whose step cannot be made (or compiled) goes to
+    ``errors``."""
     steps = {}
     for k, model in models.items():
         try:
-            steps[k] = Step(model, mode, batch, resolution, device, amp, channels_last, seed)
+            steps[k] = Step(model, mode, batch, resolution, device, amp, channels_last, seed,
+                            precision, compile)
         except Exception as err:  # noqa: BLE001 - isolated: only this model fails
             errors[k] = err
     return steps
+
+
+def _step_stats(step: Optional["Step"]) -> Dict[str, object]:
+    """The :class:`SpeedStats` fields a step knows: its precision and compile time."""
+    if step is None:
+        return {}
+    return {"precision": step.precision, "compile_s": step.compile_s}
 
 
 def _warm_up(steps: Dict[str, "Step"], errors, warmup: int, seed: int) -> None:
@@ -469,12 +567,21 @@ def _warm_up(steps: Dict[str, "Step"], errors, warmup: int, seed: int) -> None:
         steps.pop(k, None)
 
 
-def _timed_rounds(timers, errors, plan: Rounds, baseline, seed: int, t0: float):
-    """Timed rounds until ``plan`` stops them: (times per model, orders, stop reason)."""
+def _timed_rounds(timers, errors, plan: Rounds, baseline, seed: int, t0: float,
+                  renew: Optional[Callable[[int], None]] = None):
+    """Timed rounds until ``plan`` stops them: (times per model, orders, stop reason).
+    ``renew(block)`` is called before the first round of every block after the first."""
     times: Dict[str, List[float]] = {k: [] for k in timers}
     orders: List[List[str]] = []
     stop = None
     while times and stop is None:
+        block = plan.block_of(len(orders))
+        if renew is not None and block > plan.block_of(len(orders) - 1) and orders:
+            renew(block)
+            for k in [k for k in times if k in errors]:
+                del times[k]
+            if not times:
+                break
         order = round_order(list(times), seed, len(orders))
         orders.append(order)
         for k in order:
@@ -488,4 +595,22 @@ def _timed_rounds(timers, errors, plan: Rounds, baseline, seed: int, t0: float):
         times = {k: v[:n] for k, v in times.items()}  # keep the rounds paired
         stop = plan.stop(times, baseline if baseline in times else None,
                          time.perf_counter() - t0) if times else "every model failed"
-    return times, orders, stop
+    return times, orders, stop or "every model failed"
+
+
+def _renewer(steps: Dict[str, "Step"], timers: Dict[str, "_RunTimer"], errors,
+             make: Callable[[nn.Module], "Step"], seed: int) -> Callable[[int], None]:
+    """What a new block does: every model gets a fresh instance (a deep copy of its
+    current weights, so a training step goes on from where it was) and fresh inputs,
+    in a seeded random order, then one untimed round. So memory placement and the
+    state of the minutes a block runs in vary between blocks."""
+    def renew(block: int) -> None:
+        for k in round_order(list(steps), seed, -1000 - block):
+            try:
+                fresh = copy.deepcopy(steps[k].model)
+                steps[k] = make(fresh)
+                timers[k] = _RunTimer(steps[k], steps[k].device)
+            except Exception as err:  # noqa: BLE001 - isolated: only this model fails
+                errors[k] = err
+        _warm_up(steps, errors, 1, seed + 7919 * block)
+    return renew

@@ -1,7 +1,7 @@
 """The settings a timed row was measured with, so that a report never mixes them.
 
 A row's settings are its non-null :data:`attnbench.results.ROW_SETTING_COLUMNS` (amp,
-channels_last, compile, threads, cudnn.benchmark, TF32, matmul precision). Rows of one
+precision, channels_last, compile, threads, cudnn.benchmark, TF32, matmul precision). Rows of one
 run and device are split into one part per combination of settings
 (:func:`split_by_settings`); a row that lacks some of them (a parameter count, a FLOP
 count, a failed cell recorded before its settings were known) belongs to every part it
@@ -16,7 +16,8 @@ from attnbench.results import ROW_SETTING_COLUMNS
 Settings = Tuple[Tuple[str, Any], ...]
 
 #: how each setting is written in a part's name
-_SHORT = {"amp": "amp", "channels_last": "channels_last", "compile": "compile",
+_SHORT = {"amp": "amp", "precision": "precision", "channels_last": "channels_last",
+          "compile": "compile",
           "threads": "threads", "cudnn_benchmark": "cudnn.benchmark",
           "tf32_cudnn": "TF32 conv", "tf32_matmul": "TF32 matmul",
           "matmul_precision": "matmul precision"}

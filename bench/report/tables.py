@@ -83,6 +83,15 @@ class Measure:
     value: Optional[float] = None
     error: str = ""
     row: Optional[Dict[str, Any]] = None
+    #: several seeds (accuracy): each seed's value; ``value`` is their mean and
+    #: ``lo``, ``hi`` its 95 % t-interval across seeds (:func:`seed_measure`)
+    values: Tuple[float, ...] = ()
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+
+    @property
+    def seeds(self) -> int:
+        return len(self.values) if self.values else int(self.ok)
 
     @property
     def ok(self) -> bool:
@@ -533,8 +542,9 @@ def _figures_table(idx: Index, notes: Notes, backbone: str, variants: List[Varia
              + (f", {counters[0]} as the main column" if counters else "") + ";",
              "memory is the peak of one eval forward / one train step;",
              "FPS = batch / median latency (absolute);"
-             " speed ratio = median of the paired per-round ratios `none` time / module time,"
-             " with its 95 % interval `[lo, hi]` over the interleaved rounds;"
+             " speed ratio = paired per-round ratio `none` time / module time, the mean of"
+             " its block medians with the 95 % interval `[lo, hi]` over blocks of fresh"
+             " instances (see Conventions);"
              " `≈` = indistinguishable from `none` (the interval contains 1 or overlaps the"
              " A/A control's: a second plain backbone timed in the same rounds).",
              f"{DASH} = failed (reason in the note), {MISSING} = not measured."]
@@ -712,8 +722,57 @@ def accuracy_keys(idx: Index) -> List[Tuple[str, str, str]]:
     return keys
 
 
+def seed_measure(rows: Sequence[Dict[str, Any]]) -> Measure:
+    """One accuracy cell from the rows of one variant at one test size: per checkpoint
+    (one per seed) the row :func:`choose` picks; with several ok seeds the mean and its
+    95 % Student-t interval across seeds, ``mean +- t(0.975, n-1) s / sqrt(n)`` (the same
+    as :func:`attnbench.accuracy.seeds.seed_interval`)."""
+    by_ckpt: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_ckpt[r.get("checkpoint")].append(r)
+    chosen = [choose(rs) for _, rs in sorted(by_ckpt.items(), key=lambda kv: str(kv[0]))]
+    ok = [m for m in chosen if m.ok]
+    if len(ok) <= 1:
+        return ok[0] if ok else choose(rows)
+    xs = tuple(m.value for m in ok)
+    mean, lo, hi = mean_interval(xs)
+    return Measure("ok", mean, "", ok[-1].row, xs, lo, hi)
+
+
+def mean_interval(xs: Sequence[float]) -> Tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of ``xs`` with its 95 % Student-t interval."""
+    from attnbench.profilers.stats import t975
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, mean, mean
+    half = t975(n - 1) * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+    return mean, mean - half, mean + half
+
+
+def within_noise(a: Measure, b: Measure) -> Optional[bool]:
+    """Whether the difference of two several-seed means does NOT clear the seed noise:
+    the Welch 95 % t-interval of ``a - b`` contains 0 (None with < 2 seeds on a side)."""
+    from attnbench.profilers.stats import t975
+    if len(a.values) < 2 or len(b.values) < 2:
+        return None
+    va, vb = (_var(m.values) / len(m.values) for m in (a, b))
+    se = math.sqrt(va + vb)
+    diff = a.value - b.value
+    if se == 0:
+        return diff == 0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a.values) - 1) + vb ** 2 / (len(b.values) - 1))
+    return abs(diff) <= t975(max(1, int(df))) * se
+
+
+def _var(xs: Sequence[float]) -> float:
+    m = sum(xs) / len(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
 def accuracy_series(idx: Index, backbone: str, dataset: str, metric: str):
-    """[(variant, train_resolution, {test resolution: Measure})], sorted."""
+    """[(variant, train_resolution, {test resolution: Measure})], sorted; the seeds of a
+    variant (one checkpoint each) are one series (:func:`seed_measure`)."""
     out = []
     for v in idx.variants(backbone, [metric]):
         trs = idx.values("train_resolution", backbone, [metric], dataset=dataset or None) \
@@ -726,7 +785,7 @@ def accuracy_series(idx: Index, backbone: str, dataset: str, metric: str):
             by_res: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
             for r in rows:
                 by_res[r["resolution"]].append(r)
-            out.append((v, tr, {res: choose(rs) for res, rs in sorted(by_res.items())}))
+            out.append((v, tr, {res: seed_measure(rs) for res, rs in sorted(by_res.items())}))
     return sorted(out, key=lambda x: (variant_sort_key(x[0]), x[1] != REFERENCE_RES,
                                       x[1] or 0))
 
@@ -751,6 +810,34 @@ def scaled(res: int, train_res: Optional[int], measured: Iterable[int] = ()) -> 
     return None
 
 
+def _bn_stats(ser: Dict[int, Measure]) -> str:
+    """``train`` or ``test`` (FixRes re-estimation): the BN statistics of a series."""
+    for m in ser.values():
+        if m.row:
+            return m.row.get("bn_stats") or "train"
+    return "train"
+
+
+def _acc_reference(series, tr, ser) -> Optional[Dict[int, Measure]]:
+    """The plain backbone's series trained at ``tr`` with the same BN statistics."""
+    for v, tr_, other in series:
+        if v[0] == "none" and tr_ == tr and _bn_stats(other) == _bn_stats(ser):
+            return None if other is ser else other
+    return None
+
+
+def _acc_cell(m: Measure, ref: Optional[Measure], metric: str, label: str,
+              tn: TableNotes) -> Cell:
+    """``mean [lo, hi]`` for several seeds, ``≈`` when within the seed noise of ``ref``."""
+    cell = value_cell(m, metric, label, tn)
+    if not m.ok or len(m.values) < 2:
+        return cell
+    text = f"{cell.text} [{fmt(m.lo, metric)}, {fmt(m.hi, metric)}]"
+    if ref is not None and within_noise(m, ref):
+        text += " ≈"
+    return Cell(text, cell.notes)
+
+
 def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric: str,
                    device: str) -> Table:
     series = accuracy_series(idx, backbone, dataset, metric)
@@ -758,41 +845,59 @@ def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric
     tn = notes.start_table()
     rows = []
     any_scaled = False
+    seeds = max((m.seeds for _, _, ser in series for m in ser.values()), default=0) > 1
     for v, tr, ser in series:
         label = labels[v]
-        tr_text = res_text(tr) if tr is not None else "?"
-        row = [Cell(label), Cell(tr_text)]
+        ref = _acc_reference(series, tr, ser)
+        row = [Cell(label), Cell(res_text(tr) if tr is not None else "?")]
+        if seeds:
+            row.append(Cell(str(max((m.seeds for m in ser.values()), default=0))))
         best = best_of(ser)
         if best is None:
             failed = [m for m in ser.values() if m.status == "failed"]
             row += [value_cell(failed[-1], metric, label, tn) if failed else Cell(MISSING),
                     Cell(MISSING)]
         else:
-            row += [Cell(fmt(best[1], metric)), Cell(res_text(best[0]))]
+            row += [_acc_cell(ser[best[0]], ref and ref.get(best[0]), metric, label, tn),
+                    Cell(res_text(best[0]))]
         for col in (224, 168, 448):
             actual = scaled(col, tr, ser.keys())
             m = ser.get(actual, Measure("missing")) if actual is not None else Measure("missing")
-            cell = value_cell(m, metric, label, tn)
+            cell = _acc_cell(m, ref and ref.get(actual), metric, label, tn)
             if tr is not None and tr != REFERENCE_RES:
                 any_scaled = True
                 if m.ok:
-                    cell = Cell(f"{cell.text} ({res_text(actual)})")
+                    cell = Cell(f"{cell.text} ({res_text(actual)})", cell.notes)
             row.append(cell)
         rows.append(row)
-    headers = ["method", "trained at", f"Best {metric} (%)", "best at", "224²", "168²", "448²"]
-    align = ["left", "right", "right", "right", "right", "right", "right"]
+    headers = ["method", "trained at"] + (["seeds"] if seeds else []) + [
+        f"Best {metric} (%)", "best at", "224²", "168²", "448²"]
+    align = ["left"] + ["right"] * (len(headers) - 1)
     ds = f" on {dataset}" if dataset else ""
+    key = f"acc-{metric}-{backbone}" + (f"-{slug(dataset)}" if dataset else "")
+    return Table(key, f"{metric_name(metric)} accuracy vs test resolution, {backbone}{ds}",
+                 headers, rows, align, _acc_intro(backbone, ds, device, metric, any_scaled,
+                                                  seeds), tn.items)
+
+
+def _acc_intro(backbone: str, ds: str, device: str, metric: str, any_scaled: bool,
+               seeds: bool) -> List[str]:
+    """The lines above an accuracy table."""
     intro = [f"{metric_name(metric)} accuracy (%) of {backbone}{ds}, single crop, at several "
              f"test resolutions (evaluated on `{device}`), laid out as Table 2 of the TDAM paper;",
              "Best is the highest over every tested resolution and `best at` where it was reached."]
+    if seeds:
+        intro.append("With several seeds (one checkpoint each) a cell is the mean over seeds "
+                     "with its 95 % Student-t interval across seeds [lo, hi]; ≈ marks a "
+                     "module whose difference from the plain backbone (same training size "
+                     "and BN statistics) does not clear the seed noise (the Welch 95 % "
+                     "interval of the difference contains 0).")
     if any_scaled:
         intro.append("Rows trained at R² other than 224² are scaled: their columns are the test "
                      "sizes 0.75·R, R and 2·R (224² ↔ R², 168² ↔ 0.75·R, 448² ↔ 2·R); "
                      "the actual size is in parentheses.")
     intro.append(f"{DASH} = failed (reason in the note), {MISSING} = not measured.")
-    key = f"acc-{metric}-{backbone}" + (f"-{slug(dataset)}" if dataset else "")
-    return Table(key, f"{metric_name(metric)} accuracy vs test resolution, {backbone}{ds}",
-                 headers, rows, align, intro, tn.items)
+    return intro
 
 
 def metric_name(metric: str) -> str:

@@ -1,8 +1,8 @@
 """The results store (``results/<run_id>/rows.jsonl`` + ``env.json``), its rows and the
 cells they measure."""
-from attnbench.results.cell import (MEASURE_KEYS, METRICS, MODES, STATIC_METRICS,  # noqa: F401
-                                    ROW_SETTING_COLUMNS, SETTING_DEFAULTS, Cell,
-                                    canonical_options, cell_id)
+from attnbench.results.cell import (MEASURE_KEYS, METRICS, MODES, PRECISIONS,  # noqa: F401
+                                    ROW_SETTING_COLUMNS, SETTING_DEFAULTS, STATIC_METRICS,
+                                    Cell, amp_precision, canonical_options, cell_id)
 from attnbench.results.rows import (RESOLUTION_SWEEP, base_row, canonical_json,  # noqa: F401
                                     error_text, failed_rows, is_oom, ok_row, short_hash)
 from attnbench.results.store import *  # noqa: F401,F403
@@ -12,4 +12,4 @@ __all__ = list(_store_all) + ["RESOLUTION_SWEEP", "base_row", "canonical_json", 
                               "failed_rows", "is_oom", "ok_row", "short_hash",
                               "Cell", "cell_id", "canonical_options", "MEASURE_KEYS",
                               "METRICS", "MODES", "STATIC_METRICS", "ROW_SETTING_COLUMNS",
-                              "SETTING_DEFAULTS"]
+                              "SETTING_DEFAULTS", "PRECISIONS", "amp_precision"]

@@ -19,6 +19,8 @@ METRICS = ("params", "flops", "latency", "memory")
 STATIC_METRICS = ("params", "flops")
 #: the steps latency and memory are measured for
 MODES = ("eval", "train")
+#: the precisions a cell can be measured in: fp32, or autocast to bfloat16 / float16
+PRECISIONS = ("fp32", "bf16", "fp16")
 #: the fields a cell id is the hash of (with whether the cell is timed interleaved)
 MEASURE_KEYS = ("backbone", "module", "options", "stages", "resolution", "batch", "mode",
                 "device", "metrics", "warmup", "repeats", "min_run_time", "amp",
@@ -26,14 +28,19 @@ MEASURE_KEYS = ("backbone", "module", "options", "stages", "resolution", "batch"
 
 
 #: settings of the adaptive interleaved rounds (part of the id only when set)
-ROUNDS_KEYS = ("ci_target", "max_rounds", "budget_s")
+ROUNDS_KEYS = ("ci_target", "max_rounds", "budget_s", "block_rounds")
 #: backend settings the worker applies before measuring (config ``[settings]``), with
 #: their defaults; part of the id only when set to something else, so older ids stay valid
 SETTING_DEFAULTS = {"cudnn_benchmark": True, "tf32_cudnn": False, "matmul_precision": "highest"}
 #: the row columns that change a timed measurement: rows that differ in one of them are
 #: different measurements (the report never puts them in one table)
-ROW_SETTING_COLUMNS = ("amp", "channels_last", "compile", "threads", "cudnn_benchmark",
-                       "tf32_cudnn", "tf32_matmul", "matmul_precision")
+ROW_SETTING_COLUMNS = ("amp", "precision", "channels_last", "compile", "threads",
+                       "cudnn_benchmark", "tf32_cudnn", "tf32_matmul", "matmul_precision")
+
+
+def amp_precision(device: str) -> str:
+    """The precision ``amp = true`` means on ``device``: fp16 on CUDA, bf16 elsewhere."""
+    return "fp16" if str(device).startswith("cuda") else "bf16"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,10 @@ class Cell:
     ``group`` names the interleaved latency group of a matrix cell, ``timeout_s`` the
     runner's limit; ``id`` (computed when not given) is :func:`cell_id`. Treat
     ``options`` as read-only.
+
+    ``amp`` and ``precision`` say one thing: a precision other than fp32 turns ``amp``
+    on, and ``amp`` with precision fp32 means the device's autocast dtype
+    (:func:`amp_precision`: fp16 on CUDA, bf16 on the CPU), as ``amp`` always did.
     """
 
     backbone: str
@@ -62,8 +73,12 @@ class Cell:
     ci_target: Optional[float] = None   # interleaved: stop at this relative CI half-width
     max_rounds: Optional[int] = None    # interleaved: at most this many rounds
     budget_s: Optional[float] = None    # interleaved: stop adding rounds after this time
-    amp: bool = False
+    block_rounds: Optional[int] = None  # interleaved: rounds per block of fresh instances
+    amp: bool = False                   # autocast on (precision bf16 or fp16)
     channels_last: bool = False
+    precision: str = "fp32"             # "fp32", "bf16" or "fp16" (autocast dtype)
+    compile: bool = False               # torch.compile(model) before timing
+    oom_backoff: bool = True            # halve the batch on out-of-memory (not in the id)
     threads: Optional[int] = None
     cudnn_benchmark: Optional[bool] = None   # None: SETTING_DEFAULTS (untimed cells)
     tf32_cudnn: Optional[bool] = None
@@ -78,6 +93,11 @@ class Cell:
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "options", dict(self.options or {}))
         object.__setattr__(self, "module", self.module or "none")
+        if self.precision in (None, "fp32") and self.amp:
+            object.__setattr__(self, "precision", amp_precision(self.device))
+        elif self.precision is None:
+            object.__setattr__(self, "precision", "fp32")
+        object.__setattr__(self, "amp", self.precision != "fp32")
         self._check()
         if not self.id:
             object.__setattr__(self, "id", cell_id(self))
@@ -93,6 +113,9 @@ class Cell:
                 raise ValueError(f"cell: {key} must be a positive integer, got {value!r}")
         if self.mode not in (None,) + MODES:
             raise ValueError(f"cell: mode must be eval, train or null, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"cell: precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -152,10 +175,14 @@ class Cell:
                         batch=self.batch, mode=mode, device=self.device, **ids)
 
     def describe(self) -> str:
-        """One line naming the cell: backbone, label, size, batch, mode, first metric."""
+        """One line naming the cell: backbone, label, size, batch, mode, execution mode
+        (where not the default), first metric."""
         mode = f" {self.mode}" if self.mode else ""
+        how = "".join([f" {self.precision}" if self.precision != "fp32" else "",
+                       " channels_last" if self.channels_last else "",
+                       " compiled" if self.compile else ""])
         return (f"{self.backbone} {self.label} {self.resolution}px "
-                f"b{self.batch}{mode} {self.metrics[0]}")
+                f"b{self.batch}{mode}{how} {self.metrics[0]}")
 
 
 def cell_id(cell: Cell) -> str:
@@ -166,6 +193,11 @@ def cell_id(cell: Cell) -> str:
     keys.update({k: getattr(cell, k) for k in ROUNDS_KEYS if getattr(cell, k) is not None})
     keys.update({k: getattr(cell, k) for k, default in SETTING_DEFAULTS.items()
                  if getattr(cell, k) not in (None, default)})
+    # the precision only where ``amp`` does not imply it (bf16 on CUDA), compile when on
+    if cell.precision != (amp_precision(cell.device) if cell.amp else "fp32"):
+        keys["precision"] = cell.precision
+    if cell.compile:
+        keys["compile"] = True
     keys["interleaved"] = bool(cell.group)
     return short_hash(keys)
 
