@@ -127,3 +127,12 @@ def test_a_backed_off_batch_is_reported_as_the_batch_used(tmp_path):
     rec = res.groups[0].records[0]
     assert (rec["batch"], rec["batch_requested"]) == (1, 2)
     json.dumps(rec)  # still plain data
+
+
+def test_a_precision_split_is_named_by_the_precision_alone():
+    fp32 = _row("a", "none", "latency", 10.0, "ms", mode="eval", threads=2, amp=False,
+                precision="fp32")
+    bf16 = _row("b", "none", "latency", 7.0, "ms", mode="eval", threads=2, amp=True,
+                precision="bf16")
+    names = sorted(name for name, _ in S.split_by_settings([fp32, bf16]))
+    assert names == ["precision bf16", "precision fp32"]

@@ -46,6 +46,8 @@ def _maybe_fail(cell):
                 os._exit(3)
             if action == "sleep":
                 time.sleep(60)
+            if action == "nap":
+                time.sleep(0.4)
 
 
 def _row(cell, metric, value, method="fake"):
@@ -76,20 +78,23 @@ def _rows(cell):
 
 def measure_cell(cell):
     assert isinstance(cell, R.Cell), cell  # the worker hands over Cells
+    started = time.time_ns()
     _maybe_fail(cell)
-    return _rows(cell)
+    return [dict(r, started_at=started) for r in _rows(cell)]
 
 
 def measure_group(cells):
-    out = []
+    started = time.time_ns()
+    out = [] if started else None
     for cell in cells:
         assert isinstance(cell, R.Cell), cell
         _maybe_fail(cell)
         out.extend(_rows(cell))
         out.append(_row(cell, "speed_ratio", 1.0 if cell.module == "none" else 0.9))
-    return out
+    return [dict(r, started_at=started) for r in out]
 
 
+TIMED_METRICS = ("latency", "latency_p25", "latency_p75", "throughput", "speed_ratio")
 FAKE = {"measure": measure_cell, "measure_group": measure_group, "progress": False}
 
 CONFIG = """
@@ -311,3 +316,48 @@ def test_real_measure_tiny_end_to_end(tmp_path):
             "rss_increase"} \
         <= set(df.metric)
     assert set(df.module) == {"none", "se", "eca"} and env["device"] == "cpu"
+
+
+def test_jobs_measure_untimed_units_at_once_and_timed_ones_alone_after(tmp_path, cfg,
+                                                                       monkeypatch):
+    cfg.write_text(CONFIG + MEMORY)
+    monkeypatch.setenv("ATTNBENCH_FAKE", "nap:params:*:*,nap:flops:*:*,nap:memory:*:*")
+    serial = run_config(cfg, results_dir=tmp_path, run_id="one", **FAKE)
+    s = run_config(cfg, results_dir=tmp_path, run_id="two", jobs=2, **FAKE)
+    assert s.exit_code == 0 and s.done == serial.done == s.cells
+    rows = R.load_rows(tmp_path / "two" / "rows.jsonl")
+    assert sorted(_keys(rows)) == sorted(_keys(R.load_rows(tmp_path / "one" / "rows.jsonl")))
+    spans = {}
+    for r in rows:   # one span per unit: (start, end, pid, timed)
+        spans[(r["started_at"], r["pid"])] = (r["started_at"], r["measured_at"], r["pid"],
+                                              r["metric"] in TIMED_METRICS)
+    untimed = [v for v in spans.values() if not v[3]]
+    timed = [v for v in spans.values() if v[3]]
+    assert timed and untimed
+    overlap = any(a[0] < b[1] and b[0] < a[1] and a[2] != b[2]
+                  for i, a in enumerate(untimed) for b in untimed[i + 1:])
+    assert overlap                                        # two untimed units at once
+    assert min(t[0] for t in timed) >= max(u[1] for u in untimed)   # timed: after, alone
+    assert all(not (a[0] < b[1] and b[0] < a[1]) for i, a in enumerate(timed)
+               for b in timed[i + 1:])
+
+
+def test_a_parallel_run_interrupted_resumes_with_every_cell_once(tmp_path, cfg):
+    def stop(n):
+        if n == 4:
+            raise KeyboardInterrupt
+    s = run_config(cfg, results_dir=tmp_path, run_id="r", jobs=2, after_unit=stop, **FAKE)
+    assert s.interrupted and s.exit_code == 130 and s.done == 4
+    s2 = run_config(cfg, results_dir=tmp_path, run_id="r", jobs=2, **FAKE)
+    assert s2.exit_code == 0 and s2.skipped == 4
+    rows = R.load_rows(tmp_path / "r" / "rows.jsonl")
+    assert len(set(_keys(rows))) == len(rows) and len({r["cell"] for r in rows}) == s2.cells
+
+
+def test_jobs_are_checked(tmp_path, cfg):
+    cfg.write_text(CONFIG.replace('name = "t"', 'name = "t"\njobs = 0'))
+    with pytest.raises(ValueError, match="jobs: must be an integer >= 1"):
+        load_config(cfg)
+    cfg.write_text(CONFIG)
+    with pytest.raises(runner.RunnerError, match="only with the local backend"):
+        run_config(cfg, results_dir=tmp_path, jobs=2, backend="ray", **FAKE)

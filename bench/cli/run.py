@@ -6,7 +6,7 @@ import errno
 import importlib
 from typing import List
 
-from attnbench.cli.args import POSITIVE_FLOAT
+from attnbench.cli.args import POSITIVE_FLOAT, POSITIVE_INT
 
 
 def register_cli(sub, parent) -> None:
@@ -38,6 +38,10 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--timeout", type=POSITIVE_FLOAT, default=None, metavar="S",
                    help="per-cell (per interleaved group) timeout in seconds, overriding "
                         "the config's timing.timeout_s")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=None, metavar="N",
+                   help="measure N untimed units (params, FLOPs, memory) at once, each in its "
+                        "own worker; timed units always run alone, after them (default: the "
+                        "config's jobs, 1)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would run, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +113,7 @@ def run(args) -> int:
                              dry_run=args.dry_run, measure=measure, measure_group=measure_group,
                              plugins=_loaded_plugins(args),
                              progress=not args.no_progress,
-                             backend=args.backend, address=args.address)
+                             backend=args.backend, address=args.address, jobs=args.jobs)
     except OSError as err:  # a full or read-only disk met by a write that names no file
         if err.filename or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise

@@ -16,6 +16,8 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     channels_last = false             # or [false, true] (an axis)
     compile = false                   # torch.compile the model; or [false, true] (an axis)
     baseline = true                   # add the plain backbone ("none") if not listed
+    jobs = 1                          # untimed units (params, FLOPs, memory) at once; timed
+                                      # ones always run alone, after them
 
     [timing]
     warmup = 2
@@ -100,7 +102,7 @@ CONFIG_DIR = Path(str(importlib.resources.files("attnbench.configs")))
 
 TOP_KEYS = {"name", "description", "device", "backbones", "num_classes", "threads", "amp",
             "precision", "channels_last", "compile", "baseline", "timing", "modules", "sweeps",
-            "resolutions", "batches", "modes", "metrics", "settings"}
+            "resolutions", "batches", "modes", "metrics", "settings", "jobs"}
 SETTINGS_KEYS = {"cudnn_benchmark", "tf32_cudnn", "tf32_matmul", "matmul_precision"}
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 TIMING_KEYS = {"warmup", "repeats", "min_run_time", "interleave", "timeout_s", "ci_target",
@@ -168,6 +170,7 @@ class Config:
     sweeps: List[Sweep]
     raw: Dict[str, Any] = field(default_factory=dict)
     settings: Dict[str, Any] = field(default_factory=lambda: dict(SETTING_DEFAULTS))
+    jobs: int = 1                   # untimed units measured at once (timed ones alone)
 
     @property
     def where(self) -> str:
@@ -323,7 +326,8 @@ def _validate(data: Dict[str, Any], text: str, path: Optional[Path]) -> Config:
                   backbones=top.backbones, num_classes=top.num_classes, threads=top.threads,
                   amp=top.amp, channels_last=top.channels_last, timing=timing,
                   modules=entries, sweeps=sweeps, raw=data,
-                  settings=_settings(ck, data.get("settings", {})))
+                  settings=_settings(ck, data.get("settings", {})),
+                  jobs=ck.int_(data.get("jobs", 1), "jobs", 1))
 
 
 def _top_level(ck: _Checker, data: Mapping[str, Any], path: Optional[Path]) -> SimpleNamespace:

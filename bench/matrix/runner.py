@@ -256,7 +256,7 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
                max_units: Optional[int] = None,
                after_unit: Optional[Callable[[int], None]] = None,
                out=None, backend: str = "local", address: Optional[str] = None,
-               allow_env_change: bool = False) -> RunSummary:
+               allow_env_change: bool = False, jobs: Optional[int] = None) -> RunSummary:
     """Run (or resume) a config; returns a :class:`RunSummary` (``exit_code``).
 
     ``measure`` / ``measure_group``: callables or ``"module:function"`` strings
@@ -269,11 +269,16 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
     on (:mod:`attnbench.matrix.lock`); a resumed run refuses another device, torch version
     or thread count than its env.json records unless ``allow_env_change``.
     ``backend``: ``"local"`` (a process pool here) or ``"ray"``
-    (:mod:`attnbench.matrix.ray_backend`, the cluster at ``address``).
+    (:mod:`attnbench.matrix.ray_backend`, the cluster at ``address``). ``jobs`` (default:
+    the config's, 1): untimed units measured at once by the local backend (timed units
+    always run alone, after them).
     """
     out = out or sys.stdout
     t0 = time.monotonic()
     cfg = config if isinstance(config, Config) else load_config(config)
+    if backend != "local" and jobs and jobs > 1:
+        raise RunnerError(f"--jobs {jobs}: only with the local backend (Ray places the "
+                          f"units itself)")
     cells = expand(cfg, only)
     if not cells:
         raise ConfigError(f"{cfg.where}: the config expands to no cells")
@@ -289,9 +294,10 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
             run.summary.wall_s = time.monotonic() - t0
             return run.summary
         _start(run, out, allow_env_change)
+        local = {"jobs": int(jobs or cfg.jobs)} if backend == "local" else {}
         run_units(run, todo, _Measurement(measure, measure_group, tuple(plugins)),
                   timeout=timeout, progress=progress, max_units=max_units,
-                  after_unit=after_unit)
+                  after_unit=after_unit, **local)
     _tally(run)
     run.summary.wall_s = time.monotonic() - t0
     shown = str(config) if not isinstance(config, Config) else str(cfg.path or "CONFIG")
@@ -382,42 +388,113 @@ def _backend(backend: str, address: Optional[str], out,
 # --- end of the backend switch
 
 
+def _timed(unit: Sequence[Cell]) -> bool:
+    """Whether a unit times something (it then runs with the machine to itself)."""
+    return any("latency" in c.metrics for c in unit)
+
+
+class _Progress:
+    """The tqdm bar (when asked) and the count of saved units, for ``max_units`` and
+    ``after_unit``."""
+
+    def __init__(self, todo: List[List[Cell]], progress: bool, max_units: Optional[int],
+                 after_unit: Optional[Callable[[int], None]]):
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=sum(len(u) for u in todo), unit="cell", dynamic_ncols=True,
+                            file=sys.stderr, smoothing=0.1)
+        self.done, self.max_units, self.after_unit = 0, max_units, after_unit
+
+    def check(self) -> None:
+        if self.max_units is not None and self.done >= self.max_units:
+            raise KeyboardInterrupt
+
+    def starting(self, unit: List[Cell]) -> None:
+        if self.bar is not None:
+            more = f" +{len(unit) - 1}" if len(unit) > 1 else ""
+            self.bar.set_description_str(unit[0].describe() + more)
+
+    def saved(self, unit: List[Cell]) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(len(unit))
+        if self.after_unit is not None:
+            self.after_unit(self.done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run_units(run: _Run, todo: List[List[Cell]], how: _Measurement, *,
                timeout: Optional[float], progress: bool, max_units: Optional[int],
-               after_unit: Optional[Callable[[int], None]]) -> None:
-    """Measure and save each unit in turn; Ctrl-C (or ``max_units``) stops the run."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=sum(len(u) for u in todo), unit="cell", dynamic_ncols=True,
-                   file=sys.stderr, smoothing=0.1)
-    done_units = 0
+               after_unit: Optional[Callable[[int], None]], jobs: int = 1) -> None:
+    """Measure and save each unit; Ctrl-C (or ``max_units``) stops the run. With
+    ``jobs`` > 1 the untimed units (params, FLOPs, memory) run first, that many at once
+    (each in its own worker process); timed units always run one at a time, after them,
+    so that nothing else of the run competes with a timing."""
+    prog = _Progress(todo, progress, max_units, after_unit)
+    parallel = [u for u in todo if jobs > 1 and not _timed(u)]
+    alone = [u for u in todo if jobs <= 1 or _timed(u)]
     try:
-        for unit in todo:
-            if max_units is not None and done_units >= max_units:
-                raise KeyboardInterrupt
-            if bar is not None:
-                more = f" +{len(unit) - 1}" if len(unit) > 1 else ""
-                bar.set_description_str(unit[0].describe() + more)
-            limit = float(timeout if timeout is not None else unit[0].timeout_s)
-            run.save(unit, _measure_unit(unit, run, limit, how))
-            done_units += 1
-            if bar is not None:
-                bar.update(len(unit))
-            if after_unit is not None:
-                after_unit(done_units)
+        if parallel:
+            _run_parallel(run, parallel, how, timeout, prog, jobs)
+        for unit in alone:
+            prog.check()
+            prog.starting(unit)
+            run.save(unit, _measure_unit(unit, run, _limit(unit, timeout), how))
+            prog.saved(unit)
     except KeyboardInterrupt:
         run.summary.interrupted = True
     finally:
-        if bar is not None:
-            bar.close()
+        prog.close()
 
 
-def _measure_unit(unit: List[Cell], run: _Run, limit: float, how: _Measurement) -> List[Row]:
+def _limit(unit: List[Cell], timeout: Optional[float]) -> float:
+    return float(timeout if timeout is not None else unit[0].timeout_s)
+
+
+def _run_parallel(run: _Run, units_: List[List[Cell]], how: _Measurement,
+                  timeout: Optional[float], prog: _Progress, jobs: int) -> None:
+    """Untimed units, ``jobs`` at once (a thread each waits on its worker process);
+    rows are saved here, one unit at a time. Ctrl-C kills the workers in flight."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    live: Dict[int, Worker] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    pending: Dict[Any, List[Cell]] = {}
+    queue = list(units_)
+    try:
+        while queue or pending:
+            while queue and len(pending) < jobs:
+                prog.check()
+                unit = queue.pop(0)
+                prog.starting(unit)
+                pending[pool.submit(_measure_unit, unit, run, _limit(unit, timeout), how,
+                                    live)] = unit
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                unit = pending.pop(fut)
+                run.save(unit, fut.result())
+                prog.saved(unit)
+    except BaseException:
+        for worker in list(live.values()):
+            worker.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _measure_unit(unit: List[Cell], run: _Run, limit: float, how: _Measurement,
+                  live: Optional[Dict[int, Worker]] = None) -> List[Row]:
     """The rows of one unit, measured in a worker process of its own (failed rows when
-    the worker fails), with the unit's wall and CPU time."""
+    the worker fails), with the unit's wall and CPU time. ``live`` holds the workers in
+    flight (for the parallel runner to kill on Ctrl-C)."""
     started = time.monotonic()
     worker = Worker(how.measure, how.measure_group, how.plugins, run.run_dir / "worker.log")
+    key = id(worker)
+    if live is not None:
+        live[key] = worker
     try:
         kind, payload, cpu = worker.run(unit, limit)
         worker.close()
@@ -428,6 +505,9 @@ def _measure_unit(unit: List[Cell], run: _Run, limit: float, how: _Measurement) 
     except BaseException:
         worker.close()
         raise
+    finally:
+        if live is not None:
+            live.pop(key, None)
     return unit_rows(unit, run.run_id, kind, payload, cpu, round(time.monotonic() - started, 3))
 
 

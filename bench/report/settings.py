@@ -73,6 +73,8 @@ def split_by_settings(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, List[Di
     if len(parts) == 1:
         return [("", list(rows))]
     differ = [k for k in ROW_SETTING_COLUMNS if len({repr(p.get(k)) for p in parts}) > 1]
+    if "precision" in differ and "amp" in differ:  # amp is implied by the precision
+        differ.remove("amp")
     return [(describe(p, differ) or "default settings",
              [r for r in rows if _fits(settings_of(r), p)]) for p in parts]
 
