@@ -58,13 +58,16 @@ def test_default_covers_every_module_metric_and_the_sweep():
     assert {"TDjoint(T=2,m=1)", "TDtop(T=2,m=1)", "TDtop(T=2,m=3)", "AW", "AW-SE",
             "SE", "CBAM", "ECA", "none"} <= labels
     assert {c.metrics[0] for c in cells} == {"params", "flops", "latency", "memory"}
-    for metric, points in (("flops", SWEEP), ("memory", SWEEP), ("latency", (168, 224, 336, 448))):
+    # FLOPs over the whole sweep; memory and latency at four of its points (the ~10 min budget)
+    four = (168, 224, 336, 448)
+    for metric, points in (("flops", SWEEP), ("memory", four), ("latency", four)):
         for label in labels:
             res = {c.resolution for c in cells
                    if c.metrics == (metric,) and c.label == label}
             assert set(points) <= res, (metric, label)
     timed = [c for c in cells if c.metrics == ("latency",)]
     assert {c.ci_target for c in timed} == {0.015} and all(c.group for c in timed)
+    assert all(c.block_rounds and c.block_rounds >= 3 for c in timed)   # blocked intervals
     assert {c.mode for c in timed if c.resolution == 224 and c.batch == 2} == {"eval", "train"}
     assert {c.backbone for c in cells} == {"resnet50"} and cfg.device == "cpu"
     aw_se = next(c for c in cells if c.label == "AW-SE")

@@ -456,6 +456,18 @@ def test_profile_command_prints_one_table(capsys):
     assert "device: cpu" in out and "attention params" in out
 
 
+def test_profile_command_in_bf16_with_blocks(capsys):
+    from attnbench.cli import main
+    rc = main(["profile", "resnet18", "se", "--resolution", "32", "--batch", "1",
+               "--mode", "eval", "--no-memory", "--precision", "bf16", "--repeats", "4",
+               "--block-rounds", "2", "--threads", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "FLOPs fvcore" in out
+    assert "4 rounds in 2 block(s)" in out
+    assert main(["profile", "resnet18", "se", "--precision", "fp16", "--no-speed"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
 def test_profile_command_unknown_module_and_bad_option(capsys):
     from attnbench.cli import main
     assert main(["profile", "resnet18", "nope", "--no-speed"]) == 2

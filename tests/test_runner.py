@@ -290,6 +290,30 @@ def test_cli_ctrl_c_saves_finished_cells_and_exits_130(tmp_path, cfg):
     assert len({r["cell"] for r in final}) == 18 and len(set(_keys(final))) == len(final)
 
 
+def test_cli_ctrl_c_stops_a_parallel_run_at_once(tmp_path, cfg):
+    """Ctrl-C while two untimed units are in flight: both workers are killed, the run
+    exits 130 within seconds, and what was saved resumes to every cell once."""
+    cfg.write_text(CONFIG + MEMORY)
+    args = [sys.executable, "-m", "attnbench", "run", str(cfg), "--results", str(tmp_path),
+            "--run-id", "r", "--no-progress", "--measure-module", "test_runner", "--jobs", "2"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_cli_env(ATTNBENCH_FAKE="sleep:flops:*:*"))
+    log = tmp_path / "r" / "worker.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count("flops") >= 2):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    started = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert time.time() - started < 10
+    s = run_config(cfg, results_dir=tmp_path, run_id="r", **FAKE)
+    assert s.exit_code == 0
+    final = R.load_rows(tmp_path / "r" / "rows.jsonl")
+    assert len({r["cell"] for r in final}) == s.cells and len(set(_keys(final))) == len(final)
+
+
 def test_cli_bad_config_exits_2(tmp_path, capsys):
     from attnbench.cli import main
     bad = tmp_path / "bad.toml"

@@ -79,6 +79,16 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--warmup", type=NONNEG_INT, default=2, help="untimed warm-up runs")
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (CPU)")
     p.add_argument("--amp", action="store_true", help="autocast (float16 CUDA, bfloat16 CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast dtype of timing and memory (fp16: CUDA only); default fp32, "
+                        "or what --amp means")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for timing and memory (its compiling first "
+                        "call is reported apart, compile_s); FLOPs stay those of the eager "
+                        "model")
+    p.add_argument("--block-rounds", type=POSITIVE_INT, default=None,
+                   help="interleaved rounds per block of fresh model instances; the interval "
+                        "is then taken over blocks (default: one block)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--num-classes", type=POSITIVE_INT, default=1000, help="classifier outputs")
     p.add_argument("--stock-flops", action="store_true",
@@ -120,13 +130,20 @@ def _profile_cell(args) -> Cell:
                         ("--repeats", args.repeats)):
         if value < 1:
             raise OptionError(f"{name} must be a positive integer, got {value}")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        raise OptionError(f"--precision fp16 needs a CUDA device (--device {args.device}); "
+                          f"autocast on the CPU is bfloat16: use --precision bf16")
+    if args.precision and args.amp:
+        raise OptionError("--amp and --precision: give one (--amp is fp16 on CUDA, bf16 on "
+                          "the CPU)")
     return Cell(backbone=args.backbone,
                 module="none" if args.module.lower() == "none" else args.module,
                 options=options, stages=stages, resolution=args.resolution, batch=args.batch,
                 mode=None if args.mode == "both" else args.mode, device=args.device,
                 metrics=("params",), warmup=args.warmup, repeats=args.repeats,
                 amp=args.amp, channels_last=args.channels_last, threads=args.threads,
-                num_classes=args.num_classes)
+                num_classes=args.num_classes, precision=args.precision or "fp32",
+                compile=bool(args.compile), block_rounds=args.block_rounds)
 
 
 def run(args) -> int:
@@ -142,7 +159,7 @@ def run(args) -> int:
     if not args.no_flops:
         p_flops = f"{paper[1]:.2f}" if paper and paper[1] is not None \
             and args.resolution == 224 else ""  # the papers count at 224px
-        flops = measure_cell(cell.replace(metrics=("flops",), mode=None),
+        flops = measure_cell(cell.replace(metrics=("flops",), mode=None, compile=False),
                              flop_rules=not args.stock_flops, strict=True)
         lines.extend(_flop_lines(flops, p_flops, args.resolution))
     if not args.no_speed:
