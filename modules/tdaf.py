@@ -233,12 +233,14 @@ class TDAFResNet(nn.Module):
         widths = [_stage_width(getattr(self, f"layer{l}")) for l in range(1, STAGES)]
         self.anar = nn.ModuleList(
             [ANAR(c, anar, flows) for c in widths] if flows >= 2 else [])
+        # every MFBN, found once, instead of walking every module before each flow (a
+        # plain attribute: not a submodule; a deep copy maps it onto the copied modules)
+        self._mfbns = tuple(m for m in self.modules() if isinstance(m, MultiFlowBatchNorm2d))
 
     def set_flow(self, index: int) -> None:
         """Select the running statistics of flow ``index`` (0-based) in every MFBN."""
-        for m in self.modules():
-            if isinstance(m, MultiFlowBatchNorm2d):
-                m.flow = index
+        for m in self._mfbns:
+            m.flow = index
 
     def forward_flows(self, x: torch.Tensor) -> List[Dict[int, torch.Tensor]]:
         """Stage outputs x_{l+1}^(n) of every flow: ``out[n-1][l]``, l = 1..S(n)."""
@@ -256,7 +258,11 @@ class TDAFResNet(nn.Module):
             for l in range(1, depth + 1):
                 y = getattr(self, f"layer{l}")(y)
                 if l in prev:  # eq. 5; plain h_l where no earlier flow feeds stage l
-                    y = y * (self.anar[l - 1](prev[l], y.shape[-2:]) + self.eta)
+                    g = self.anar[l - 1](prev[l], y.shape[-2:])
+                    if torch.is_grad_enabled():
+                        y = y * (g + self.eta)
+                    else:  # inference: in place, no new map (autograd needs y and g)
+                        y = y.mul_(g.add_(self.eta))
                 mine[l] = y
             outs.append(mine)
         return outs

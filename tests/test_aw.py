@@ -78,7 +78,7 @@ def test_registered():
     assert spec.factory is AWConv2d
 
 
-FORMS = ["grouped", "loop", "taps"]
+FORMS = ["grouped", "loop", "taps", "fused"]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -185,6 +185,8 @@ def test_automatic_choice_follows_the_shape():
     # ResNet-50 at 224: layer1 (56x56 out, 64 in) and layer4 (7x7 out, 512 in)
     assert choose_formulation(8, 64, 9, 56 * 56, "cpu") == "loop"
     assert choose_formulation(8, 512, 9, 7 * 7, "cpu") == "taps"
+    assert choose_formulation(1, 512, 9, 7 * 7, "cpu") == "loop"    # batch 1: loop (measured)
+    assert choose_formulation(1, 512, 9, 7 * 7, "cuda") == "taps"
     assert choose_formulation(8, 64, 9, 56 * 56, "cuda") == "grouped"
     m = make_aw()
     x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
@@ -311,3 +313,20 @@ def test_aw_resnet50_forward(mode):
         out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 1000)
     assert torch.isfinite(out).all()
+
+
+def test_fused_taps_cache_follows_the_weight():
+    """The stacked taps are kept between inference calls, and rebuilt when K changes."""
+    m = make_aw(stride=1).eval()
+    m.formulation = "fused"
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        first = m(x)
+        stacked = m._tap_cache[1]
+        assert torch.equal(m(x), first) and m._tap_cache[1] is stacked   # reused
+        m.weight.mul_(2)                                                  # K changes in place
+        m.formulation = "loop"
+        ref = m(x)
+        m.formulation = "fused"
+        torch.testing.assert_close(m(x), ref, atol=1e-10, rtol=0)
+        assert m._tap_cache[1] is not stacked

@@ -68,7 +68,7 @@ def test_default_covers_every_module_metric_and_the_sweep():
     timed = [c for c in cells if c.metrics == ("latency",)]
     assert {c.ci_target for c in timed} == {0.015} and all(c.group for c in timed)
     assert all(c.block_rounds and c.block_rounds >= 3 for c in timed)   # blocked intervals
-    assert {c.mode for c in timed if c.resolution == 224 and c.batch == 2} == {"eval", "train"}
+    assert {c.mode for c in timed if c.resolution == 224 and c.batch == 1} == {"eval", "train"}
     assert {c.backbone for c in cells} == {"resnet50"} and cfg.device == "cpu"
     aw_se = next(c for c in cells if c.label == "AW-SE")
     assert aw_se.options["gate"] == "se"

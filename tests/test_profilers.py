@@ -634,3 +634,14 @@ def test_blocked_plan_judges_the_target_only_from_three_blocks():
     budget = speed.Rounds(min_rounds=2, ci_target=1e-9, budget_s=0.0, block_rounds=2)
     assert budget.stop(flat(3), "none", 10) is None    # the budget also waits for the block
     assert budget.stop(flat(4), "none", 10) == "time budget"
+
+
+def test_timing_flushes_denormals_on_the_cpu_and_restores_after():
+    tiny = torch.tensor([1e-39])                     # a denormal float32
+    assert (tiny * 1.0).item() != 0.0
+    with speed.flush_denormal(torch.device("cpu")):
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0
+    m = _tiny()
+    st = speed.time_model(m, "train", batch=2, resolution=32, warmup=0, repeats=1)
+    assert "denormals flushed" in st.method and (tiny * 1.0).item() != 0.0

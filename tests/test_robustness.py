@@ -132,29 +132,35 @@ def test_scale_from_auto_and_cli(data, tmp_path, capsys):
 
 
 def test_demo_pipeline_tiny(tmp_path):
-    from attnbench.accuracy.demo import parse_models, run_demo
+    from attnbench.accuracy.demo import PRESETS, demo_sweep, parse_models, run_demo
     assert [m[1] for m in parse_models(None)] == ["none", "se", "cbam", "fca", "td"]
     assert parse_models("none,se") == parse_models(None)[:2]
     assert parse_models('x=td:{"variant":"top"}') == [("x", "td", {"variant": "top"})]
+    assert PRESETS["cpu"]["seeds"] == [0, 1, 2] and PRESETS["gpu"]["backbone"] == "resnet50"
+    assert demo_sweep(64) == [48, 64, 80, 96, 112, 128]
+    assert demo_sweep(224) == [168, 224, 280, 336, 392, 448]
     logs = []
-    result = run_demo(tmp_path / "demo", tmp_path / "results", resolution=16, classes=4,
-                      train_per_class=3, val_per_class=2, epochs=1, batch_size=6,
+    tiny = dict(resolution=16, classes=4, train_per_class=3, val_per_class=2, epochs=1,
+                batch_size=6, oversample=1, progress=False, log=logs.append)
+    result = run_demo(tmp_path / "demo", tmp_path / "results", seeds=[0, 1],
                       models=[("none", "none", {}), ("bogus", "nosuchmodule", {})],
-                      progress=False, log=logs.append, run_id="demo")
+                      run_id="demo", **tiny)
     text = "\n".join(logs)
-    assert result["trained"] == [str(tmp_path / "demo" / "checkpoints" / "none.pt")]
+    ckpts = tmp_path / "demo" / "checkpoints"
+    assert result["trained"] == [str(ckpts / "none-seed0.pt"), str(ckpts / "none-seed1.pt")]
     assert "nosuchmodule" in result["failed"]["bogus"]
     assert "trained at 16²" in text and "0.75x..2x" in text and "Best top1" in text
     rows = load_rows(tmp_path / "results" / "demo" / "rows.jsonl")
-    n_res = len(relative_sweep(16))
-    assert len(rows) == 2 * n_res * 2
-    assert sum(r["status"] == "failed" for r in rows) == n_res * 2
-    # a second run reuses the trained checkpoint (nothing retrained)
+    n_res = len(demo_sweep(16))
+    # 2 seeds x (train BN + BN@test) x sizes x 2 metrics, + the failed model's 2 seeds
+    assert len(rows) == 2 * 2 * n_res * 2 + 2 * n_res * 2
+    assert sum(r["status"] == "failed" for r in rows) == 2 * n_res * 2
+    assert {r["label"] for r in rows if r["status"] == "ok"} == {"none", "none [BN@test]"}
+    # a second run reuses the trained checkpoints (nothing retrained)
     logs.clear()
-    run_demo(tmp_path / "demo", tmp_path / "results", resolution=16, classes=4,
-             train_per_class=3, val_per_class=2, epochs=1, batch_size=6,
-             models=[("none", "none", {})], progress=False, log=logs.append, run_id="demo2")
-    assert any("nothing to do" in m for m in logs), logs
+    run_demo(tmp_path / "demo", tmp_path / "results", seeds=[0, 1],
+             models=[("none", "none", {})], run_id="demo2", **tiny)
+    assert sum("nothing to do" in m for m in logs) == 2, logs
 
 
 def test_cell_ids_are_stable():

@@ -25,6 +25,15 @@ classes enumerate shape-major (``circle-stripes3, circle-stripes7, square-...``)
 the first ``K`` are kept. So ``K = 3`` is a shape-only task (easy), ``K = 10`` is
 5 shapes x 2 stripe frequencies, ``K = 18`` is 6 shapes x 3 details.
 
+A second kind, ``--kind textures`` (:func:`draw_texture_image`), is another
+distribution for checking that a training recipe is not tuned to the shapes: a class is
+a **texture** (stripes, checkerboard, dots) at a **frequency** (coarse: 3-4 periods
+across the patch, fine: 8-10) filling a rotated disc of 0.3-0.45 of the image, on a
+cluttered background (3-6 random solid discs and squares in random colours). The
+fine textures need ~2 x 10 / 0.6 = 33 pixels to be resolved, so here too the test
+resolution matters. Classes, in order: ``stripes-coarse, stripes-fine, checker-coarse,
+checker-fine, dots-coarse, dots-fine`` (the first ``K``, 2 <= K <= 6).
+
 ``--train N`` / ``--val M`` are images **per class**. The same arguments and seed
 give byte-identical files (each image has its own generator seeded by
 ``(seed, split, class, index)``); PNG encoding carries no timestamp.
@@ -46,6 +55,9 @@ SHAPES = ("circle", "square", "triangle", "cross", "star", "hexagon")
 DETAILS = ("stripes3", "stripes7", "dots4")
 SPLITS = {"train": 0, "val": 1}
 MAX_CLASSES = len(SHAPES) * len(DETAILS)
+TEXTURES = ("stripes", "checker", "dots")
+FREQUENCIES = {"coarse": (3.0, 4.0), "fine": (8.0, 10.0)}  # periods across the patch
+KINDS = ("shapes", "textures")
 
 
 class DataError(AttnbenchError, ValueError):
@@ -201,6 +213,74 @@ def draw_image(name: str, rng: np.random.Generator, size: int,
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
+def texture_class_names(num_classes) -> List[str]:
+    """The classes of the ``textures`` kind (``<texture>-<frequency>``), in label order."""
+    names = [f"{t}-{f}" for t in TEXTURES for f in FREQUENCIES]
+    if isinstance(num_classes, (list, tuple)):
+        bad = [n for n in num_classes if n not in names]
+        if bad or len(set(num_classes)) != len(num_classes) or len(num_classes) < 2:
+            raise DataError(f"make-data --kind textures: class names must be >= 2 distinct "
+                            f"of {', '.join(names)}; got {list(num_classes)}")
+        return [str(n) for n in num_classes]
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= len(names):
+        raise DataError(f"make-data --kind textures: --classes must be between 2 and "
+                        f"{len(names)}, got {num_classes!r}")
+    return names[:num_classes]
+
+
+def _texture(kind: str, u: np.ndarray, v: np.ndarray, periods: float) -> np.ndarray:
+    """The texture's foreground mask in the patch frame ([-1, 1]), ``periods`` across."""
+    a, b = np.pi * periods * u, np.pi * periods * v
+    if kind == "stripes":
+        return np.sin(a) > 0
+    if kind == "checker":
+        return (np.sin(a) > 0) ^ (np.sin(b) > 0)
+    du = (u + 1) / 2 * periods
+    dv = (v + 1) / 2 * periods
+    du, dv = du - np.floor(du) - 0.5, dv - np.floor(dv) - 0.5
+    return du * du + dv * dv <= 0.3 ** 2
+
+
+def draw_texture_image(name: str, rng: np.random.Generator, size: int,
+                       oversample: int = 4, nuisance: float = 1.0) -> Image.Image:
+    """One RGB image of texture class ``name`` (``<texture>-<frequency>``): a rotated
+    textured disc over a cluttered background, area-averaged from ``size * oversample``.
+    ``nuisance`` scales the clutter, position and scale jitter and pixel noise."""
+    kind, freq = name.split("-", 1)
+    k = float(min(max(nuisance, 0.0), 1.0))
+    big = size * oversample
+    gy, gx = _grid(big)
+    c0, c1 = _colour(rng), _colour(rng)
+    ang = rng.uniform(0, 2 * math.pi)
+    g = np.clip((gx - 0.5) * math.cos(ang) + (gy - 0.5) * math.sin(ang) + 0.5, 0, 1)
+    img = c0 * (1 - g[..., None]) + c1 * g[..., None]
+    for _ in range(int(rng.integers(3, 7))):  # clutter: solid discs and squares
+        bx, by = rng.uniform(0, 1, 2)
+        br = rng.uniform(0.04, 0.12)
+        square = rng.uniform() < 0.5
+        inside = (np.maximum(np.abs(gx - bx), np.abs(gy - by)) <= br if square
+                  else (gx - bx) ** 2 + (gy - by) ** 2 <= br * br)
+        colour = _colour(rng)
+        if rng.uniform() < k:
+            img = np.where(inside[..., None], colour, img)
+    radius = 0.375 + k * (rng.uniform(0.3, 0.45) - 0.375)
+    cx, cy = 0.5 + k * (rng.uniform(radius, 1 - radius, 2) - 0.5)
+    rot = rng.uniform(-math.pi, math.pi)
+    lo, hi = FREQUENCIES[freq]
+    periods = rng.uniform(lo, hi)
+    dx, dy = (gx - cx) / radius, (gy - cy) / radius
+    u = dx * math.cos(rot) + dy * math.sin(rot)
+    v = dy * math.cos(rot) - dx * math.sin(rot)
+    patch = u * u + v * v <= 1.0
+    mask = patch & _texture(kind, u, v, periods)
+    fg = _colour(rng)
+    other = np.clip(fg + rng.uniform(0.45, 0.6) * np.where(fg > 0.5, -1.0, 1.0), 0, 1)
+    img = np.where(patch[..., None], np.where(mask[..., None], fg, other), img)
+    img = img.reshape(size, oversample, size, oversample, 3).mean(axis=(1, 3))
+    img = img * 255 + k * rng.normal(0, rng.uniform(2, 10), size=img.shape)
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
 def _check_out(out: Path) -> None:
     """:class:`DataError` unless ``out`` is (or can be made) a folder to write images in."""
     from attnbench.results import ResultsError, check_writable
@@ -212,8 +292,12 @@ def _check_out(out: Path) -> None:
 
 def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: int = 30,
                  size: int = 96, seed: int = 0, oversample: int = 4,
-                 nuisance: float = 1.0, progress: bool = False) -> Dict[str, object]:
+                 nuisance: float = 1.0, progress: bool = False,
+                 kind: str = "shapes") -> Dict[str, object]:
     """Write the dataset to ``out`` (ImageFolder layout; see module docstring).
+
+    ``kind``: ``shapes`` (shape x fine detail, :func:`draw_image`) or ``textures``
+    (texture x frequency on clutter, :func:`draw_texture_image`).
 
     ``train`` / ``val``: images per class. Returns the description written to
     ``out/classes.json``. An existing dataset with the same description is reused
@@ -223,10 +307,14 @@ def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: in
                            ("oversample", oversample, 1)):
         if not isinstance(value, int) or value < lo:
             raise DataError(f"make-data: --{key} must be an integer >= {lo}, got {value!r}")
-    names = class_names(classes)
+    if kind not in KINDS:
+        raise DataError(f"make-data: --kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    names = class_names(classes) if kind == "shapes" else texture_class_names(classes)
+    draw = draw_image if kind == "shapes" else draw_texture_image
     out = Path(out)
     _check_out(out)
-    meta = {"generator": "attnbench.synthetic-shapes-v2", "classes": names, "train": train,
+    meta = {"generator": f"attnbench.synthetic-{kind}-v{2 if kind == 'shapes' else 1}",
+            "classes": names, "train": train,
             "val": val, "size": size, "seed": seed, "oversample": oversample,
             "nuisance": float(nuisance)}
     meta_path = out / "classes.json"
@@ -252,7 +340,7 @@ def make_dataset(out: "str | Path", classes: int = 10, train: int = 100, val: in
     for split, label, name, i in jobs:
         rng = np.random.default_rng([seed, SPLITS[split], label, i])
         path = out / split / name / f"{name}_{i:05d}.png"
-        image = draw_image(name, rng, size, oversample, nuisance)
+        image = draw(name, rng, size, oversample, nuisance)
         image.save(path, format="PNG", optimize=False)
         if bar is not None:
             bar.update(1)

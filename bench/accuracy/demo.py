@@ -1,35 +1,36 @@
 """``attnbench robustness-demo``: the TDAM Table 2 / Fig. 3 experiment, scaled down.
 
-One command, offline, on the CPU:
+One command, offline. Preset ``cpu`` (the default; measured 13.2 min on 2 CPU cores):
 
-1. draw a synthetic dataset (:mod:`attnbench.accuracy.data`; default 10 classes = 5 shapes x 2
-   stripe frequencies, images of 2·R pixels);
-2. train ResNet-18 at R² (default R = 64) with and without attention: the plain
-   backbone, SE, CBAM, FCA and TDjoint(T=2, m=1) (:mod:`attnbench.accuracy.train`; a module that
-   is not registered or fails is reported and skipped, the others go on);
-3. evaluate every checkpoint over the relative sweep 0.75·R .. 2·R in steps of R/8
-   (for R = 64: 48² .. 128² step 8 -- the analogue of the paper's 224² training and
-   168² .. 448² step 28 test sweep) with the single-crop protocol
-   (:mod:`attnbench.accuracy.robustness`), writing rows to ``results/<run_id>/``;
-4. print a Table-2-like accuracy table (and the full sweep).
+1. draw a synthetic dataset (:mod:`attnbench.accuracy.data`) whose classes need the
+   test resolution: 4 classes = circle / square x 3 / 7 stripes, 150 training and 40
+   validation images per class of 2·R pixels, mild nuisances (at R = 48 the 7 stripes
+   are ~4 px a period, at 0.75·R ~3 px: they blur towards a flat fill);
+2. train ResNet-18 at R² = 48² with the ``small-data`` recipe
+   (:data:`attnbench.accuracy.train.RECIPES`; 20 epochs) for the plain backbone and SE
+   (``--models`` for others), each with 3 seeds (one checkpoint per seed);
+3. evaluate every checkpoint at 0.75·R .. 2·R in steps of R/4 (36² .. 96²: the analogue
+   of the paper's 224² training and 168² .. 448² test sweep) with the single-crop
+   protocol, twice: with the training batch-norm statistics and, as a separate variant
+   ``<label> [BN@test]``, with them re-estimated at each test size (FixRes);
+4. print a Table-2-like table with each model's mean and 95 % interval across seeds
+   (``≈`` marks a difference from the plain backbone within the seed noise) and the
+   full sweep; ``attnbench report`` draws the curves with their intervals as bands.
 
-The same steps on real data and a GPU are the paper's protocol::
+Preset ``gpu``: ResNet-50 at 224² (tested 168² .. 448²), the five modules, 3 seeds,
+sized for about 10 minutes on one H100 (``--device cuda --amp``). The same steps on real
+data are the paper's protocol::
 
-    attnbench train --data IMAGENET --backbone resnet50 --module se --resolution 224 \\
-        --epochs 100 --batch-size 256 --device cuda --amp --workers 8 --out se.pt
-    attnbench robustness se.pt ... --data IMAGENET --resolutions 168:448:28 --device cuda
+    attnbench train --recipe imagenet --data IMAGENET --backbone resnet50 --module se \
+        --device cuda --amp --workers 8 --seeds 0,1,2 --out se.pt
+    attnbench robustness se-seed*.pt ... --data IMAGENET --resolutions 168:448:28 --device cuda
 
-Checkpoints already trained by an earlier run of the demo (same ``--out``) are
-reused, so an interrupted demo continues where it stopped.
-
-Reading the result: it demonstrates the protocol, it does not reproduce the paper's
-numbers. ResNet-18 trained from scratch for ~8 CPU-minutes on 800 images reaches
-roughly 30-55 % top-1 (10 classes); its last feature map is 2x2 at 64², 3x3 at
-72..96² and 4x4 at 104..128², so the curve jumps where the grid changes and peaks at
-the training size, and at 48² (0.75x) the pooled statistics collapse to near chance
-(the effect of resolution on global pooling the paper cites). FCA keeps its 224²
-DCT grids (56/28/14/7), so at 64² its maps are upsampled to them: slower, and not an
-exact analogue. ``--resolution 96`` or ``128`` is closer to the paper, ~2-4x slower.
+What it shows (see the README for the measured numbers): the models learn the task well
+above chance at R², accuracy falls at 0.75·R where the fine stripes blur away, and the
+train/test resolution discrepancy FixRes describes (RandomResizedCrop makes objects look
+larger in training than at test) puts the best test size above R; the BN re-estimation
+changes the curve above and below R. Checkpoints already trained by an earlier run of
+the demo (same ``--out``) are reused, so an interrupted demo continues where it stopped.
 """
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ import torch
 
 from attnbench.accuracy.data import make_dataset
 from attnbench.accuracy.robustness import CheckpointRows, accuracy_tables, evaluate_checkpoints, \
-    model_variant, relative_sweep, sweep_text
+    model_variant, sweep_text
+from attnbench.accuracy.seeds import seed_path
 from attnbench.accuracy.train import TrainConfig, train
 from attnbench.modules.registry import REGISTRY, AttnbenchError
-from attnbench.results import append_rows, error_text, new_run_id
+from attnbench.results import append_rows, error_text, load_rows, new_run_id
 
 #: (name, module, options) trained by default
 DEMO_MODELS: List[Tuple[str, str, Dict[str, Any]]] = [
@@ -57,6 +59,31 @@ DEMO_MODELS: List[Tuple[str, str, Dict[str, Any]]] = [
     ("fca", "fca", {}),
     ("td-joint", "td", {"variant": "joint", "steps": 2, "m": 1}),
 ]
+
+
+#: the demo's presets: ``cpu`` (2 CPU cores, ~13 min measured) and ``gpu`` (one H100,
+#: sized for ~10 min, not run yet)
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "cpu": dict(backbone="resnet18", resolution=48, kind="shapes",
+                classes=["circle-stripes3", "circle-stripes7", "square-stripes3",
+                         "square-stripes7"],
+                train_per_class=150, val_per_class=40, epochs=20, batch_size=32,
+                seeds=[0, 1, 2], models="none,se", nuisance=0.3, oversample=4,
+                fixres_bn=True, device="cpu", amp=False, workers=0),
+    "gpu": dict(backbone="resnet50", resolution=224, kind="shapes",
+                classes=["circle-stripes3", "circle-stripes7", "square-stripes3",
+                         "square-stripes7", "triangle-stripes3", "triangle-stripes7"],
+                train_per_class=300, val_per_class=50, epochs=20, batch_size=64,
+                seeds=[0, 1, 2], models=None, nuisance=0.5, oversample=2,
+                fixres_bn=True, device="cuda", amp=True, workers=8),
+}
+#: the demo's test sizes, as multiples of the training size R (R/4 apart)
+SWEEP_FACTORS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def demo_sweep(resolution: int, factors: Sequence[float] = SWEEP_FACTORS) -> List[int]:
+    """``f · R`` for each factor, rounded to a multiple of 4 (64 -> 48, 64, 80, ..., 128)."""
+    return sorted({max(4, int(resolution * f / 4 + 0.5) * 4) for f in factors})
 
 
 def auto_threads() -> int:
@@ -113,24 +140,34 @@ def check_models(models: Sequence[Tuple[str, str, Dict[str, Any]]], backbone: st
 
 
 def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" = "results", *,
-             resolution: int = 64, classes: int = 10, train_per_class: int = 80,
-             val_per_class: int = 30, epochs: int = 8, batch_size: int = 32, lr: float = 0.02,
-             warmup_epochs: float = 1.0, backbone: str = "resnet18",
+             preset: str = "cpu",
              models: Optional[Sequence[Tuple[str, str, Dict[str, Any]]]] = None,
-             device: str = "cpu", threads: Optional[int] = None, seed: int = 0,
-             nuisance: float = 0.3, rrc_scale: Sequence[float] = (0.25, 1.0),
-             run_id: Optional[str] = None, progress: bool = True, log=print) -> Dict[str, Any]:
-    """Run the whole demo; returns ``{"rows", "run_dir", "trained", "failed", "seconds"}``."""
+             threads: Optional[int] = None, run_id: Optional[str] = None, progress: bool = True,
+             log=print, **overrides: Any) -> Dict[str, Any]:
+    """Run the whole demo; returns ``{"rows", "run_dir", "trained", "failed", "seconds"}``.
+
+    ``preset``: a key of :data:`PRESETS`; ``overrides``: any of its settings (e.g.
+    ``resolution=32, epochs=1, seeds=[0]``) and the training recipe's (``lr``,
+    ``warmup_epochs``, ``rrc_scale``...; default: the ``small-data`` recipe)."""
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
-    demo = _Demo(Path(out), results, resolution, classes, train_per_class, val_per_class,
-                 epochs, batch_size, lr, warmup_epochs, backbone, list(models or DEMO_MODELS),
-                 device, seed, nuisance, rrc_scale, progress, log,
-                 run_id or new_run_id("robustness-demo"))
-    log(f"robustness demo: {backbone}, {classes} classes, trained at {resolution}² for {epochs} "
-        f"epochs, {sweep_text(demo.sweep, resolution)} (paper: trained at 224², tested "
-        f"168²..448² step 28 = 0.75x..2x); device {device}, {torch.get_num_threads()} threads")
+    if preset not in PRESETS:
+        raise AttnbenchError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    settings = dict(PRESETS[preset])
+    recipe = {k: overrides.pop(k) for k in list(overrides) if k in RECIPE_OVERRIDES}
+    unknown = [k for k in overrides if k not in settings]
+    if unknown:
+        raise AttnbenchError(f"run_demo: unknown settings {', '.join(unknown)}")
+    settings.update(overrides)
+    chosen = list(models) if models is not None else parse_models(settings.pop("models"))
+    settings.pop("models", None)
+    demo = _Demo(Path(out), results, preset, chosen, recipe, progress, log,
+                 run_id or new_run_id("robustness-demo"), **settings)
+    log(f"robustness demo ({preset}): {demo.backbone}, {len(demo.class_list)} classes, trained "
+        f"at {demo.resolution}² for {demo.epochs} epochs, seeds {demo.seeds}, "
+        f"{sweep_text(demo.sweep, demo.resolution)} (paper: trained at 224², tested "
+        f"168²..448² = 0.75x..2x); device {demo.device}, {torch.get_num_threads()} threads")
     demo.make_data()
     trained, failed, rows_failed = demo.train_all()
     rows, run_dir = demo.evaluate(trained)
@@ -139,7 +176,8 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
         rows += rows_failed
     seconds = time.perf_counter() - t_start
     log("")
-    log(accuracy_tables(rows, "top1"))
+    every = load_rows(run_dir / "rows.jsonl") if (run_dir / "rows.jsonl").exists() else rows
+    log(accuracy_tables(every, "top1"))  # with the rows of earlier, resumed runs
     for name, msg in failed.items():
         log(f"not in the table: {name}: {msg}")
     log(f"\nrows: {run_dir / 'rows.jsonl'}; `attnbench report` draws Table 2 / Fig. 3 from "
@@ -148,79 +186,100 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
             "seconds": seconds}
 
 
+#: training settings the demo passes on to :class:`TrainConfig` (else the recipe's)
+RECIPE_OVERRIDES = ("recipe", "lr", "warmup_epochs", "rrc_scale", "weight_decay",
+                    "label_smoothing", "optimizer")
+
+
 @dataclass
 class _Demo:
     """The settings of one :func:`run_demo` and its steps."""
 
     out: Path
     results: "str | Path"
-    resolution: int
-    classes: int
-    train_per_class: int
-    val_per_class: int
-    epochs: int
-    batch_size: int
-    lr: float
-    warmup_epochs: float
-    backbone: str
+    preset: str
     models: List[Tuple[str, str, Dict[str, Any]]]
-    device: str
-    seed: int
-    nuisance: float
-    rrc_scale: Sequence[float]
+    recipe: Dict[str, Any]
     progress: bool
     log: Callable[[str], None]
     run_id: str
+    backbone: str = "resnet18"
+    resolution: int = 64
+    kind: str = "shapes"
+    classes: Any = 4
+    train_per_class: int = 100
+    val_per_class: int = 40
+    epochs: int = 12
+    batch_size: int = 32
+    seeds: Sequence[int] = (0, 1, 2)
+    nuisance: float = 0.3
+    oversample: int = 4
+    fixres_bn: bool = True
+    device: str = "cpu"
+    amp: bool = False
+    workers: int = 0
 
     @property
     def data(self) -> Path:
         return self.out / "data"
 
     @property
+    def class_list(self) -> List[str]:
+        from attnbench.accuracy.data import class_names, texture_class_names
+        return class_names(self.classes) if self.kind == "shapes" \
+            else texture_class_names(self.classes)
+
+    @property
     def sweep(self) -> List[int]:
-        """The test sizes: 0.75·R .. 2·R in steps of R/8."""
-        return relative_sweep(self.resolution)
+        """The test sizes: 0.75·R .. 2·R in steps of R/4."""
+        return demo_sweep(self.resolution)
 
     def make_data(self) -> None:
         """Draw the data set (reused when it is there already)."""
         t0 = time.perf_counter()
         meta = make_dataset(self.data, self.classes, self.train_per_class, self.val_per_class,
-                            size=2 * self.resolution, seed=self.seed, nuisance=self.nuisance,
-                            progress=self.progress)
+                            size=2 * self.resolution, seed=0, nuisance=self.nuisance,
+                            oversample=self.oversample, progress=self.progress, kind=self.kind)
         self.log(f"data: {self.data} ({len(meta['classes'])} classes x {self.train_per_class} "
                  f"train + {self.val_per_class} val images of {2 * self.resolution}² px, "
                  f"{time.perf_counter() - t0:.0f} s)")
 
+    def checkpoint(self, name: str, seed: int) -> Path:
+        """``checkpoints/<name>.pt`` for one seed, ``<name>-seed<N>.pt`` for several."""
+        path = self.out / "checkpoints" / f"{name}.pt"
+        return path if len(self.seeds) == 1 else seed_path(path, seed)
+
     def train_all(self) -> Tuple[List[str], Dict[str, str], List[Dict[str, Any]]]:
-        """Train every model: (checkpoints trained, {name: why not}, their failed rows)."""
+        """Train every model and seed: (checkpoints trained, {name: why not}, failed rows)."""
         trained: List[str] = []
         failed: Dict[str, str] = {}
         rows: List[Dict[str, Any]] = []
         for name, module, options in self.models:
-            ckpt = self.out / "checkpoints" / f"{name}.pt"
             msg = _unregistered(module)
             if msg:
                 self.log(f"SKIP {name}: {msg}")
-                error = msg
-            else:
-                msg = self.train_one(name, module, options, ckpt)
-                if msg is None:
-                    trained.append(str(ckpt))
-                    continue
-                error = f"training failed: {msg}"
-            failed[name] = msg
-            rows += self.failed_rows(name, module, options, ckpt, error)
+            for seed in self.seeds:
+                ckpt = self.checkpoint(name, seed)
+                if not msg:
+                    err = self.train_one(name, module, options, ckpt, seed)
+                    if err is None:
+                        trained.append(str(ckpt))
+                        continue
+                    failed[f"{name} seed {seed}"] = err
+                else:
+                    failed[name] = msg
+                rows += self.failed_rows(name, module, options, ckpt,
+                                         msg or f"training failed: {err}")
         return trained, failed, rows
 
     def train_one(self, name: str, module: str, options: Dict[str, Any],
-                  ckpt: Path) -> Optional[str]:
-        """Train (or finish training) one model into ``ckpt``; None, or why it failed."""
+                  ckpt: Path, seed: int) -> Optional[str]:
+        """Train (or finish training) one model and seed into ``ckpt``; None, or why not."""
         cfg = TrainConfig(data=str(self.data), backbone=self.backbone, module=module,
                           options=options, resolution=self.resolution, epochs=self.epochs,
-                          batch_size=self.batch_size, lr=self.lr,
-                          warmup_epochs=self.warmup_epochs, label_smoothing=0.1,
-                          out=str(ckpt), device=self.device, seed=self.seed,
-                          rrc_scale=list(self.rrc_scale), eval_every=self.epochs)
+                          batch_size=self.batch_size, out=str(ckpt), device=self.device,
+                          amp=self.amp, workers=self.workers, seed=int(seed),
+                          eval_every=self.epochs, **self.recipe)
         if ckpt.exists():
             cfg.resume = str(ckpt)
         t0 = time.perf_counter()
@@ -228,10 +287,10 @@ class _Demo:
             result = self.train_or_restart(cfg, name, ckpt)
         except Exception as err:  # noqa: BLE001 - one model failing must not stop the rest
             msg = error_text(err)
-            self.log(f"FAILED {name}: {msg}")
+            self.log(f"FAILED {name} seed {seed}: {msg}")
             return msg
         last = result["history"][-1] if result.get("history") else {}
-        self.log(f"{result['label']}: trained in {time.perf_counter() - t0:.0f} s"
+        self.log(f"{result['label']} seed {seed}: trained in {time.perf_counter() - t0:.0f} s"
                  + (f", val top1 at {self.resolution}² {last['val_top1']:.1f}%"
                     if "val_top1" in last else ""))
         return None
@@ -251,7 +310,7 @@ class _Demo:
                     error: str) -> List[Dict[str, Any]]:
         """Failed rows of a model that was not trained, at every test size."""
         options, label = model_variant(module, options, name)
-        maker = CheckpointRows(self.run_id, str(ckpt), str(self.data), self.batch_size,
+        maker = CheckpointRows(self.run_id, str(ckpt), str(self.data), 64,
                                self.device, 0.875, backbone=self.backbone, module=module,
                                label=label, options=options, stages=None,
                                train_resolution=self.resolution)
@@ -262,18 +321,21 @@ class _Demo:
         if not trained:
             return [], Path(self.results) / self.run_id
         return evaluate_checkpoints(
-            trained, self.data, scale_from=self.resolution, batch_size=64, device=self.device,
-            results=self.results, run_id=self.run_id, progress=self.progress, log=self.log,
+            trained, self.data, resolutions=self.sweep, fixres_bn=self.fixres_bn, batch_size=64,
+            device=self.device, amp=self.amp, workers=self.workers, results=self.results,
+            run_id=self.run_id, progress=self.progress, log=self.log,
             config_text=self.config_text())
 
     def config_text(self) -> str:
         """The demo's settings, for the run's ``env.json``."""
-        return json.dumps({"command": "robustness-demo", "backbone": self.backbone,
-                           "resolution": self.resolution, "classes": self.classes,
+        return json.dumps({"command": "robustness-demo", "preset": self.preset,
+                           "backbone": self.backbone, "resolution": self.resolution,
+                           "kind": self.kind, "classes": self.class_list,
                            "train_per_class": self.train_per_class,
                            "val_per_class": self.val_per_class, "epochs": self.epochs,
-                           "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                           "nuisance": self.nuisance, "rrc_scale": list(self.rrc_scale),
+                           "batch_size": self.batch_size, "seeds": list(self.seeds),
+                           "recipe": dict(self.recipe), "nuisance": self.nuisance,
+                           "fixres_bn": self.fixres_bn, "sweep": self.sweep,
                            "models": [list(m) for m in self.models]}, indent=1)
 
 

@@ -4,8 +4,13 @@ The TDAM paper's Table 2 / Fig. 3 protocol: models trained at 224² are evaluate
 single-crop at 168² .. 448² in steps of 28 (the default here). Each test size ``res``
 uses the standard protocol: resize the shorter side to ``int(res / crop_pct)``
 (bilinear, antialiased), centre-crop ``res`` x ``res``; ``crop_pct`` 0.875 (224 <-
-256). Top-1 and top-5 accuracy (%); with fewer than 5 classes top-5 is top-k with
-k = number of classes, and the row's ``method`` says so.
+256), as timm's ``validate`` (``--crop-pct``, ``--interpolation`` bilinear / bicubic /
+nearest). ``--fixres-bn`` adds a separate variant, ``<label> [BN@test]``, whose batch-norm
+statistics are re-estimated at each test size (:func:`reestimate_bn`, FixRes). Several
+checkpoints of one model (``train --seeds``) are summarised by the mean and 95 %
+t-interval across seeds (:mod:`attnbench.accuracy.seeds`). Top-1 and top-5 accuracy
+(%); with fewer than 5 classes top-5 is top-k with k = number of classes, and the row's
+``method`` says so.
 
 ``--scale-from R`` sweeps the same *relative* range for a model trained at R²:
 ``0.75·R .. 2·R`` in steps of ``R/8`` (the analogue of 168..448 step 28 around 224),
@@ -23,6 +28,7 @@ error and the others go on. Re-running with the same ``--run-id`` skips finished
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,6 +41,7 @@ import torch
 
 from attnbench.accuracy import distributed
 from attnbench.accuracy.checkpoint import load_checkpoint
+from attnbench.accuracy.seeds import clears_noise, interval_text, seed_interval
 from attnbench.accuracy.train import eval_transform, evaluate, image_folder, resize_size
 from attnbench.modules.registry import AttnbenchError
 from attnbench.results import RESOLUTION_SWEEP, append_rows, base_row, canonical_options, \
@@ -45,6 +52,9 @@ DEFAULT_RESOLUTIONS = list(RESOLUTION_SWEEP)
 ACCURACY_METRICS = ("top1", "top5")
 REFERENCE_TRAIN_RES = 224
 CACHE_LIMIT = 20000  # validation sets up to this many images are decoded once, kept in memory
+FIXRES_BATCHES = 4  # training batches (of --batch-size) that re-estimate the BN statistics
+#: the label suffix of the FixRes variant (BN statistics re-estimated at the test size)
+FIXRES_SUFFIX = " [BN@test]"
 
 
 class RobustnessError(AttnbenchError):
@@ -129,13 +139,20 @@ def val_root(data: "str | Path") -> Path:
 
 # --------------------------------------------------------------------------- rows
 
-def robustness_cell(checkpoint: str, dataset: str, res: int, crop_pct: float) -> str:
-    """The ``cell`` of one (checkpoint, data set, test size, crop_pct) evaluation.
+def robustness_cell(checkpoint: str, dataset: str, res: int, crop_pct: float,
+                    interpolation: str = "bilinear", bn_stats: str = "train") -> str:
+    """The ``cell`` of one (checkpoint, data set, test size, protocol) evaluation.
 
     The SHA-256 of its key as ``json.dumps(sort_keys=True)`` (not :func:`short_hash`, whose
-    compact JSON would give other ids: runs written before must still resume)."""
-    key = json.dumps({"kind": "robustness", "checkpoint": checkpoint, "dataset": dataset,
-                      "resolution": res, "crop_pct": crop_pct}, sort_keys=True)
+    compact JSON would give other ids: runs written before must still resume; for the
+    same reason interpolation and BN statistics enter the key only when not the default)."""
+    key_d = {"kind": "robustness", "checkpoint": checkpoint, "dataset": dataset,
+             "resolution": res, "crop_pct": crop_pct}
+    if interpolation != "bilinear":
+        key_d["interpolation"] = interpolation
+    if bn_stats != "train":
+        key_d["bn_stats"] = bn_stats
+    key = json.dumps(key_d, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -165,10 +182,25 @@ class CheckpointRows:
     options: Mapping[str, Any] = field(default_factory=dict)
     stages: Any = None
     train_resolution: Optional[int] = None
+    interpolation: str = "bilinear"
+    bn_stats: str = "train"  # or "test" (FixRes: re-estimated at the test resolution)
+    seed: Optional[int] = None
+    recipe: Optional[str] = None
 
     def cell(self, res: int) -> str:
         """The ``cell`` of the rows at test size ``res``."""
-        return robustness_cell(self.checkpoint, self.dataset, res, self.crop_pct)
+        return robustness_cell(self.checkpoint, self.dataset, res, self.crop_pct,
+                               self.interpolation, self.bn_stats)
+
+    @property
+    def method(self) -> str:
+        """The protocol, as the rows' ``method`` says it (before the resize size)."""
+        text = f"center-crop crop_pct={self.crop_pct:g}"
+        if self.interpolation != "bilinear":
+            text += f" {self.interpolation}"
+        if self.bn_stats == "test":
+            text += f" +BN stats re-estimated at the test size ({FIXRES_BATCHES} train batches)"
+        return text
 
     def base(self, res: int) -> Dict[str, Any]:
         """The identity columns of the rows at test size ``res``."""
@@ -176,11 +208,13 @@ class CheckpointRows:
                         options=self.options, stages=self.stages, resolution=res,
                         batch=self.batch, mode="eval", device=self.device, run_id=self.run_id,
                         cell=self.cell(res), checkpoint=self.checkpoint, dataset=self.dataset,
-                        train_resolution=self.train_resolution)
+                        train_resolution=self.train_resolution, seed=self.seed,
+                        recipe=self.recipe, crop_pct=self.crop_pct,
+                        interpolation=self.interpolation, bn_stats=self.bn_stats)
 
     def failed(self, resolutions: Sequence[int], error: str) -> List[Dict[str, Any]]:
         """Failed top1/top5 rows at every size of ``resolutions``, carrying ``error``."""
-        method = f"center-crop crop_pct={self.crop_pct:g}"
+        method = self.method
         return [row for res in resolutions
                 for row in failed_rows(self.base(res), [(m, "%") for m in ACCURACY_METRICS], error,
                                        methods=[method] * len(ACCURACY_METRICS), scale=None,
@@ -188,8 +222,7 @@ class CheckpointRows:
 
     def ok(self, res: int, acc: Mapping[str, Any], n_classes: int) -> List[Dict[str, Any]]:
         """The top1 and top5 rows of accuracy ``acc`` (from :func:`evaluate`) at ``res``."""
-        method = (f"center-crop crop_pct={self.crop_pct:g} "
-                  f"(resize {resize_size(res, self.crop_pct)})")
+        method = f"{self.method} (resize {resize_size(res, self.crop_pct)})"
         k = min(5, n_classes)
         note = "" if k == 5 else f"; top-5 is top-{k}: only {n_classes} classes"
         tr = self.train_resolution
@@ -224,6 +257,7 @@ def check_inputs(checkpoints: Sequence["str | Path"], data: "str | Path") -> Non
 def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path", *,
                          resolutions: Optional[Sequence[int]] = None,
                          scale_from: "int | str | None" = None, crop_pct: float = 0.875,
+                         interpolation: str = "bilinear", fixres_bn: bool = False,
                          batch_size: int = 64, device: str = "cpu", amp: bool = False,
                          workers: int = 0, results: "str | Path" = "results",
                          run_id: Optional[str] = None, progress: bool = True,
@@ -233,11 +267,21 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
 
     ``resolutions``: the test sizes (default 168..448 step 28), unless ``scale_from``
     (an int R, or ``"auto"`` for each checkpoint's own training resolution) asks for
-    the relative sweep 0.75·R..2·R (see :func:`relative_sweep`).
+    the relative sweep 0.75·R..2·R (see :func:`relative_sweep`). ``crop_pct`` and
+    ``interpolation`` are timm's ``validate`` options (see :func:`eval_transform`).
+    ``fixres_bn``: also evaluate each checkpoint with its batch-norm statistics
+    re-estimated at every test size (FixRes, Touvron et al. 2019), a separate variant
+    labelled ``<label> [BN@test]`` with ``bn_stats=test`` (see :func:`reestimate_bn`).
+    Rows carry the checkpoint's ``seed`` and ``recipe``: ``attnbench report`` groups the
+    seeds of one model into a mean with its 95 % interval.
     """
     if not checkpoints:
         raise RobustnessError("robustness: give at least one checkpoint")
     resize_size(8, crop_pct)  # validates crop_pct
+    eval_transform(8, crop_pct, interpolation)  # validates interpolation
+    if fixres_bn and not (Path(data) / "train").is_dir():
+        raise RobustnessError(f"--fixres-bn: {data} has no train/ folder to re-estimate the "
+                              f"batch-norm statistics on")
     if batch_size < 1:
         raise RobustnessError(f"--batch-size must be >= 1, got {batch_size}")
     if scale_from not in (None, "auto"):
@@ -247,10 +291,13 @@ def evaluate_checkpoints(checkpoints: Sequence["str | Path"], data: "str | Path"
     log, progress = distributed.main_only(log), progress and distributed.is_main()
     ev = _Evaluation(data, resolutions, scale_from, crop_pct, batch_size, device, amp, workers,
                      progress, log)
+    ev.interpolation, ev.fixres_bn = interpolation, bool(fixres_bn)
     if config_text is None:
         config_text = json.dumps({"command": "robustness", "checkpoints": [str(c) for c in
                                   checkpoints], "data": ev.dataset, "resolutions": resolutions,
-                                  "scale_from": scale_from, "crop_pct": crop_pct}, indent=1)
+                                  "scale_from": scale_from, "crop_pct": crop_pct,
+                                  "interpolation": interpolation, "fixres_bn": bool(fixres_bn)},
+                                 indent=1)
     ev.open_run(results, run_id, config_text)
     all_rows: List[Dict[str, Any]] = []
     for ckpt_path in checkpoints:
@@ -272,6 +319,8 @@ class _Evaluation:
         self.dev = torch.device(device)
         self.amp = bool(amp) and self.dev.type == "cuda"
         self.progress, self.log = progress, log
+        self.interpolation, self.fixres_bn = "bilinear", False
+        self._bn_images: Optional[_Images] = None
 
     def open_run(self, results, run_id: Optional[str], config_text: str) -> None:
         """Name the run, note its finished cells, write its ``env.json``."""
@@ -299,7 +348,8 @@ class _Evaluation:
     def rows_of(self, ckpt_path: str, **variant: Any) -> CheckpointRows:
         """The row builder of checkpoint ``ckpt_path``."""
         return CheckpointRows(self.run_id, ckpt_path, self.dataset, self.batch_size,
-                              self.device, self.crop_pct, **variant)
+                              self.device, self.crop_pct, interpolation=self.interpolation,
+                              **variant)
 
     def checkpoint(self, ckpt_path: str) -> List[Dict[str, Any]]:
         """Evaluate one checkpoint over its sweep; its new rows (also appended to the run)."""
@@ -317,9 +367,11 @@ class _Evaluation:
         module = config.get("attention") or "none"
         options, label = model_variant(module, dict(config.get("options") or {}),
                                        ckpt.get("label") or "")
+        args = ckpt.get("args") or {}
         maker = self.rows_of(ckpt_path, backbone=config.get("backbone"), module=module,
                              label=label, options=options, stages=config.get("stages"),
-                             train_resolution=train_res)
+                             train_resolution=train_res, seed=args.get("seed"),
+                             recipe=args.get("recipe"))
         res_list = _sweep(self.resolutions, self.scale_from, train_res)
         classes = list(ckpt.get("classes") or [])
         n_classes = int(config.get("num_classes") or len(classes) or 1000)
@@ -328,6 +380,9 @@ class _Evaluation:
                  f"{sweep_text(res_list, train_res)}, {len(self.images)} images")
         model.to(self.dev)
         rows = self.sweep(model, maker, res_list, n_classes, error)
+        if self.fixres_bn:
+            fix = dataclasses.replace(maker, label=maker.label + FIXRES_SUFFIX, bn_stats="test")
+            rows += self.sweep(model, fix, res_list, n_classes, error)
         if rows:
             self.append(rows)
         model.to("cpu")
@@ -377,7 +432,10 @@ class _Evaluation:
         then the counts of all ranks); failed rows when that raises on any rank."""
         acc, msg = None, None
         try:
-            self.images.transform = eval_transform(res, self.crop_pct)
+            if maker.bn_stats == "test":
+                model = reestimate_bn(model, self.bn_images(), self.batch_size, self.device,
+                                      eval_transform(res, self.crop_pct, self.interpolation))
+            self.images.transform = eval_transform(res, self.crop_pct, self.interpolation)
             loader = torch.utils.data.DataLoader(
                 distributed.shard(self.images), batch_size=self.batch_size, shuffle=False,
                 num_workers=self.workers, pin_memory=self.dev.type == "cuda")
@@ -395,6 +453,40 @@ class _Evaluation:
         return maker.ok(res, acc, n_classes)
 
 
+    def bn_images(self) -> "_Images":
+        """The training images that re-estimate the BN statistics (``--fixres-bn``)."""
+        if self._bn_images is None:
+            folder = image_folder(Path(self.dataset) / "train", None, "train")
+            self._bn_images = _Images(folder, cache=len(folder.samples) <= CACHE_LIMIT)
+        return self._bn_images
+
+
+def reestimate_bn(model: torch.nn.Module, images: "_Images", batch_size: int, device: str,
+                  transform, batches: int = FIXRES_BATCHES, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` whose batch-norm running statistics are re-estimated at the
+    test resolution (FixRes, Touvron et al. 2019, the BN-only variant of its fine-tuning):
+    ``batches`` batches of training images, preprocessed by the test ``transform``, go
+    through the model with only its BN layers in training mode and momentum None (a
+    cumulative average); weights, and the original model, are unchanged. Returns the copy
+    in eval mode."""
+    import copy
+    fixed = copy.deepcopy(model).eval()
+    bns = [m for m in fixed.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    images.transform = transform
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=g)[:batches * batch_size].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, order),
+                                         batch_size=batch_size, shuffle=False)
+    with torch.no_grad():
+        for x, _ in loader:
+            fixed(x.to(device))
+    return fixed.eval()
+
+
 def _sweep(resolutions, scale_from, train_res) -> List[int]:
     """The test sizes of one checkpoint (see :func:`evaluate_checkpoints`)."""
     if scale_from == "auto":
@@ -407,55 +499,101 @@ def _sweep(resolutions, scale_from, train_res) -> List[int]:
 
 # --------------------------------------------------------------------------- tables
 
-def accuracy_tables(rows: Sequence[Dict[str, Any]], metric: str = "top1") -> str:
-    """Table 2 layout (Best, train size, 0.75x, 2x) and the full sweep (Fig. 3 data)."""
-    from tabulate import tabulate
-    ok = [r for r in rows if r["metric"] == metric]
-    if not ok:
-        return "(no rows)"
-    groups: Dict[Tuple[str, Any], Dict[int, Any]] = {}
+def seed_groups(rows: Sequence[Dict[str, Any]], metric: str = "top1"):
+    """``(order, groups)``: the rows of ``metric`` grouped by model variant and training
+    size, ``(label, train_resolution)`` -> ``{"module", "bn_stats", "seeds",
+    "values": {test size: [value of each checkpoint (seed)]}}``; a failed cell adds no
+    value. The last ok row of a (checkpoint, size) counts (a resumed run re-measures)."""
+    groups: Dict[Tuple[str, Any], Dict[str, Any]] = {}
     order: List[Tuple[str, Any]] = []
-    names: Dict[Tuple[str, Any], str] = {}
-    for r in ok:
-        key = (r["checkpoint"], r.get("train_resolution"))
+    for r in rows:
+        if r["metric"] != metric:
+            continue
+        key = (r["label"], r.get("train_resolution"))
         if key not in groups:
-            groups[key] = {}
+            groups[key] = {"module": r.get("module"), "bn_stats": r.get("bn_stats", "train"),
+                           "by_ckpt": {}, "res": set()}
             order.append(key)
-            names[key] = r["label"]
-        groups[key][r["resolution"]] = r["value"] if r["status"] == "ok" else None
-    dup = {n for n in names.values() if list(names.values()).count(n) > 1}
-    for key in order:
-        if names[key] in dup:
-            names[key] = f"{names[key]} [{Path(key[0]).stem}]"
+        g = groups[key]
+        g["res"].add(r["resolution"])
+        cell = g["by_ckpt"].setdefault(r["checkpoint"], {})
+        if r["status"] == "ok" and r["value"] is not None:
+            cell[r["resolution"]] = float(r["value"])
+    for g in groups.values():
+        g["seeds"] = len(g["by_ckpt"])
+        g["values"] = {res: [c[res] for c in g["by_ckpt"].values() if res in c]
+                       for res in sorted(g["res"])}
+    return order, groups
+
+
+def _reference(groups, key) -> Optional[Tuple[str, Any]]:
+    """The plain backbone's group with the same training size and BN statistics."""
+    g = groups[key]
+    for k, other in groups.items():
+        if k[1] == key[1] and other["module"] == "none" and other["bn_stats"] == g["bn_stats"]:
+            return None if k == key else k
+    return None
+
+
+def _cell(groups, key, res, ref) -> str:
+    """``mean [lo, hi]`` at ``res``, with ``≈`` where the difference from the plain
+    backbone does not clear the seed noise."""
+    vals = groups[key]["values"].get(res) or []
+    if not vals:
+        return "-"
+    text = interval_text(seed_interval(vals))
+    if ref is not None:
+        verdict = clears_noise(vals, groups[ref]["values"].get(res) or [])
+        if verdict is False:
+            text += " ≈"
+    return text
+
+
+def accuracy_tables(rows: Sequence[Dict[str, Any]], metric: str = "top1") -> str:
+    """Table 2 layout (Best, train size, 0.75x, 2x) and the full sweep (Fig. 3 data), each
+    model's seeds summarised as ``mean [lo, hi]`` (95 % t-interval across seeds, see
+    :mod:`attnbench.accuracy.seeds`); ``≈`` marks a module's difference from the plain
+    backbone (same BN statistics) that does not clear the seed noise."""
+    from tabulate import tabulate
+    order, groups = seed_groups(rows, metric)
+    if not order:
+        return "(no rows)"
     out = []
     for tr in sorted({k[1] for k in order}, key=lambda x: (x is None, x or 0)):
         keys = [k for k in order if k[1] == tr]
-        res_here = sorted({res for k in keys for res in groups[k]})
+        res_here = sorted({res for k in keys for res in groups[k]["values"]})
         lo, hi = res_here[0], res_here[-1]
-        head = ["model", f"Best {metric} (%)", "best at",
+        head = ["model", "seeds", f"Best {metric} (%)", "best at",
                 f"{tr}² (train)" if tr in res_here else f"{tr}² (train, not tested)",
                 f"{lo}²", f"{hi}²"]
         table = []
         for k in keys:
-            g = groups[k]
-            vals = [(v, res) for res, v in g.items() if v is not None]
-            best = max(vals, key=lambda x: (x[0], -x[1])) if vals else None
-            table.append([names[k], _f(best[0] if best else None),
-                          f"{best[1]}²" if best else "-", _f(g.get(tr)), _f(g.get(lo)),
-                          _f(g.get(hi))])
+            ref = _reference(groups, k)
+            means = {res: sum(v) / len(v) for res, v in groups[k]["values"].items() if v}
+            best = max(means, key=lambda res: (means[res], -res)) if means else None
+            table.append([k[0], str(groups[k]["seeds"]),
+                          _cell(groups, k, best, ref) if best else "-",
+                          f"{best}²" if best else "-"]
+                         + [_cell(groups, k, res, ref) for res in (tr, lo, hi)])
         ratio = f" = {lo / tr:.3g}x..{hi / tr:.3g}x of the training size" if tr else ""
         out.append(f"{metric} accuracy (%), trained at {tr}², tested at {lo}²..{hi}²{ratio} "
-                   f"(paper Table 2: trained at 224², tested 168²..448² = 0.75x..2x)")
+                   f"(paper Table 2: trained at 224², tested 168²..448² = 0.75x..2x); mean "
+                   f"[95 % t-interval] over seeds; ≈: difference from the plain backbone "
+                   f"within the seed noise (Welch 95 % interval of the difference contains 0)")
         out.append(tabulate(table, headers=head, tablefmt="github", disable_numparse=True))
-        sweep = [[names[k]] + [_f(groups[k].get(res)) for res in res_here] for k in keys]
+        sweep = [[k[0]] + [_pm(groups[k]["values"].get(res)) for res in res_here] for k in keys]
         out.append("")
-        out.append(f"{metric} accuracy (%) at every test size (Fig. 3 data):")
+        out.append(f"{metric} accuracy (%) at every test size, mean ± 95 % half-width over "
+                   f"seeds (Fig. 3 data):")
         out.append(tabulate(sweep, headers=["model"] + [f"{r}" for r in res_here],
                             tablefmt="github", disable_numparse=True))
         out.append("")
     return "\n".join(out).rstrip()
 
 
-def _f(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
+def _pm(vals) -> str:
+    """``mean±half`` of one cell of the sweep table (the bare mean for one seed)."""
+    if not vals:
+        return "-"
+    iv = seed_interval(vals)
+    return f"{iv.estimate:.1f}" if iv.n < 2 else f"{iv.estimate:.1f}±{iv.hi - iv.estimate:.1f}"

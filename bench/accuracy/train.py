@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -55,13 +55,21 @@ def resize_size(res: int, crop_pct: float) -> int:
     return int(res / crop_pct + 1e-6)
 
 
-def eval_transform(res: int, crop_pct: float = 0.875):
-    """The standard single-crop protocol: resize the shorter side to
-    ``int(res / crop_pct)``, centre-crop ``res`` x ``res``, normalise."""
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def eval_transform(res: int, crop_pct: float = 0.875, interpolation: str = "bilinear"):
+    """The standard single-crop protocol (timm's ``validate``): resize the shorter side
+    to ``int(res / crop_pct)`` with ``interpolation`` (bilinear, bicubic or nearest;
+    antialiased except nearest), centre-crop ``res`` x ``res``, normalise."""
     from torchvision import transforms as T
+    if interpolation not in INTERPOLATIONS:
+        raise TrainError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    mode = getattr(T.InterpolationMode, interpolation.upper())
     return T.Compose([
-        T.Resize(resize_size(res, crop_pct), interpolation=T.InterpolationMode.BILINEAR,
-                 antialias=True),
+        T.Resize(resize_size(res, crop_pct), interpolation=mode,
+                 antialias=interpolation != "nearest"),
         T.CenterCrop(res),
         T.ToTensor(),
         T.Normalize(MEAN, STD),
@@ -138,23 +146,56 @@ def _autocast(device: str, amp: bool):
 
 # --------------------------------------------------------------------------- config
 
+#: named training recipes: the settings a preset gives every field left unset (None).
+#: ``small-data`` (the default) learns the suite's generated data sets and other small
+#: ImageFolders from scratch at CPU scale; ``imagenet`` is the papers' ImageNet recipe
+#: (SE / CBAM / TDAM: SGD 0.1 x batch/256, 90-100 epochs, wd 1e-4, crop scale 0.08-1).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "small-data": dict(resolution=64, epochs=20, batch_size=32, lr=0.1, optimizer="sgd",
+                       nesterov=True, momentum=0.9, weight_decay=5e-4, warmup_epochs=2.0,
+                       label_smoothing=0.1, rrc_scale=[0.35, 1.0]),
+    "imagenet": dict(resolution=224, epochs=90, batch_size=256, lr=None, optimizer="sgd",
+                     nesterov=False, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0,
+                     label_smoothing=0.1, rrc_scale=[0.08, 1.0]),
+}
+DEFAULT_RECIPE = "small-data"
+#: the fields a recipe sets (``lr`` None in a recipe: 0.1 x batch / 256)
+RECIPE_FIELDS = ("resolution", "epochs", "batch_size", "lr", "optimizer", "nesterov",
+                 "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "rrc_scale")
+OPTIMIZERS = ("sgd", "adamw")
+_UNSET: Any = None
+
+
+def recipe_settings(name: str) -> Dict[str, Any]:
+    """The settings of recipe ``name`` (a copy); :class:`TrainError` for an unknown one."""
+    if name not in RECIPES:
+        raise TrainError(f"--recipe {name!r}: unknown; choose one of {', '.join(RECIPES)}")
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in RECIPES[name].items()}
+
+
 @dataclass
 class TrainConfig:
+    """Training settings. Those of :data:`RECIPE_FIELDS` left None take the value of
+    ``recipe`` (:data:`RECIPES`); ``lr`` None after that is 0.1 x batch / 256."""
+
     data: str = ""
     backbone: str = "resnet18"
     module: str = "none"
     options: Dict[str, Any] = field(default_factory=dict)
     stages: Any = None
-    resolution: int = 112
+    recipe: str = DEFAULT_RECIPE
+    resolution: int = _UNSET
     crop_pct: float = 0.875
-    rrc_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    epochs: int = 10
-    batch_size: int = 64
-    lr: Optional[float] = None  # None: 0.1 * batch_size / 256 (linear scaling rule)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
+    rrc_scale: List[float] = _UNSET
+    epochs: int = _UNSET
+    batch_size: int = _UNSET
+    lr: Optional[float] = _UNSET
+    optimizer: str = _UNSET
+    nesterov: bool = _UNSET
+    momentum: float = _UNSET
+    weight_decay: float = _UNSET
+    warmup_epochs: float = _UNSET
+    label_smoothing: float = _UNSET
     out: str = "checkpoints/model.pt"
     resume: Optional[str] = None
     device: str = "cpu"
@@ -165,6 +206,13 @@ class TrainConfig:
     eval_every: int = 1
     threads: Optional[int] = None
     sync_bn: bool = False  # under torchrun: batch-norm statistics of the global batch
+
+    def __post_init__(self) -> None:
+        preset = recipe_settings(self.recipe)
+        for key in RECIPE_FIELDS:
+            if getattr(self, key) is None:
+                setattr(self, key, preset[key])
+        self.rrc_scale = [float(x) for x in self.rrc_scale]
 
     def check(self) -> None:
         for key in ("resolution", "epochs", "batch_size"):
@@ -182,6 +230,9 @@ class TrainConfig:
         lo, hi = self.rrc_scale
         if not 0 < lo <= hi <= 1:
             raise TrainError(f"--rrc-scale must be 0 < lo <= hi <= 1, got {self.rrc_scale}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
         if not str(self.device).startswith(("cpu", "cuda")):
             raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         for key, lo in (("workers", 0), ("eval_every", 0), ("threads", 1)):
@@ -288,8 +339,32 @@ def train(cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = 
     return ckpt_io.read_checkpoint(cfg.out)
 
 
+def train_seeds(cfg: TrainConfig, seeds: Sequence[int], progress: bool = True,
+                log: Callable[[str], None] = print,
+                allow_changes: bool = False) -> List[Dict[str, Any]]:
+    """Train ``cfg`` once per seed (one seed: into ``cfg.out``; several: into
+    ``<out stem>-seed<N>.pt`` each, see :func:`attnbench.accuracy.seeds.seed_path`);
+    returns the final checkpoint dicts, in the order of ``seeds``. With ``cfg.resume``
+    set and several seeds, each seed resumes its own checkpoint when it exists."""
+    from attnbench.accuracy.seeds import seed_path
+    seeds = list(seeds)
+    if len(seeds) <= 1:
+        if seeds:
+            cfg.seed = int(seeds[0])
+        return [train(cfg, progress, log, allow_changes)]
+    out = []
+    for seed in seeds:
+        one = replace(cfg, seed=int(seed), out=str(seed_path(cfg.out, seed)),
+                      options=dict(cfg.options))
+        one.resume = one.out if cfg.resume and Path(one.out).exists() else None
+        log(f"seed {seed}: {one.out}")
+        out.append(train(one, progress, log, allow_changes))
+    return out
+
+
 #: the settings a resumed run may not change unless told to: they change what is learned
-RECIPE_KEYS = ("resolution", "crop_pct", "rrc_scale", "batch_size", "lr", "momentum",
+RECIPE_KEYS = ("recipe", "resolution", "crop_pct", "rrc_scale", "batch_size", "lr",
+               "optimizer", "nesterov", "momentum",
                "weight_decay", "warmup_epochs", "label_smoothing", "seed", "amp", "sync_bn",
                "limit_batches")
 
@@ -388,15 +463,18 @@ def _setup(cfg: TrainConfig, model: nn.Module, train_set, val_set, log) -> _Run:
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum; weight decay on weights (ndim > 1), not on biases and BN."""
+    """SGD with momentum (Nesterov if ``cfg.nesterov``) or AdamW; weight decay on
+    weights (ndim > 1), not on biases and BN."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
-    return torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.peak_lr, momentum=cfg.momentum)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.peak_lr)
+    return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum,
+                           nesterov=bool(cfg.nesterov) and cfg.momentum > 0)
 
 
 def _restore(run: _Run, resumed: Dict[str, Any], log) -> Tuple[int, List[Dict[str, Any]]]:
@@ -504,6 +582,8 @@ def resume_settings(checkpoint: str) -> Dict[str, Any]:
     saved = ckpt_io.read_checkpoint(checkpoint).get("args") or {}
     names = config_fields()
     kw = {k: v for k, v in saved.items() if k in names}
+    if "recipe" not in saved:  # written before recipes: SGD without Nesterov, lr None =
+        kw["recipe"] = "imagenet"  # 0.1 x batch / 256, as the imagenet recipe resolves it
     kw["out"] = checkpoint
     return kw
 

@@ -2,7 +2,7 @@
 (:mod:`attnbench.accuracy.data`)."""
 from __future__ import annotations
 
-from attnbench.accuracy.data import MAX_CLASSES, make_dataset
+from attnbench.accuracy.data import KINDS, MAX_CLASSES, make_dataset
 
 
 def register_cli(sub, parent) -> None:
@@ -16,6 +16,9 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--classes", type=_classes_arg, default=10,
                    help=f"number of classes, 2..{MAX_CLASSES} (default 10), or a comma list "
                         f"of <shape>-<detail> names")
+    p.add_argument("--kind", choices=KINDS, default="shapes",
+                   help="shapes: shape x fine detail (default); textures: texture x "
+                        "frequency on a cluttered background (a second kind of data)")
     p.add_argument("--train", type=int, default=100, help="training images per class")
     p.add_argument("--val", type=int, default=30, help="validation images per class")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
@@ -36,7 +39,7 @@ def _classes_arg(text: str):
 
 def run(args) -> int:
     meta = make_dataset(args.out, args.classes, args.train, args.val, args.size, args.seed,
-                        args.oversample, args.nuisance, progress=True)
+                        args.oversample, args.nuisance, progress=True, kind=args.kind)
     n = len(meta["classes"])
     print(f"{args.out}: {n} classes x ({args.train} train + {args.val} val) images of "
           f"{args.size}x{args.size} px, seed {args.seed}")

@@ -9,6 +9,7 @@ import torch
 from attnbench.accuracy.distributed import is_main
 from attnbench.accuracy.robustness import RobustnessError, accuracy_tables, check_inputs, \
     evaluate_checkpoints, parse_resolutions, relative_sweep
+from attnbench.accuracy.train import INTERPOLATIONS
 from attnbench.cli.args import NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, check_device
 from attnbench.results import load_rows
 
@@ -22,7 +23,9 @@ def register_cli(sub, parent) -> None:
                     "protocol (resize shorter side to int(res/crop_pct), centre crop res); "
                     "top-1/top-5 rows go to the results store for `attnbench report`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoints; several seeds of one model (`train --seeds`) are "
+                        "summarised as the mean with its 95 %% t-interval across seeds")
     p.add_argument("--data", required=True,
                    help="ImageFolder root with val/ (or the validation ImageFolder itself)")
     g = p.add_mutually_exclusive_group()
@@ -32,7 +35,15 @@ def register_cli(sub, parent) -> None:
                    help="the relative sweep 0.75x..2x of TRAIN_RES in steps of TRAIN_RES/8, "
                         "rounded to multiples of 4 ('auto': each checkpoint's own training "
                         "resolution)")
-    p.add_argument("--crop-pct", type=POSITIVE_FLOAT, default=0.875)
+    p.add_argument("--crop-pct", type=POSITIVE_FLOAT, default=0.875,
+                   help="timm's crop_pct: resize the shorter side to int(res / crop_pct), "
+                        "then centre-crop res")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear",
+                   help="resize interpolation (timm's validate --interpolation)")
+    p.add_argument("--fixres-bn", action="store_true",
+                   help="also evaluate each checkpoint with its batch-norm statistics "
+                        "re-estimated at every test size on training images (FixRes); "
+                        "a separate variant labelled '<label> [BN@test]'; needs DATA/train")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
@@ -70,7 +81,8 @@ def run(args) -> int:
     check_writable(args.results, "--results", folder=True)
     rows, run_dir = evaluate_checkpoints(
         args.checkpoints, args.data, resolutions=resolutions,
-        scale_from=scale_from, crop_pct=args.crop_pct,
+        scale_from=scale_from, crop_pct=args.crop_pct, interpolation=args.interpolation,
+        fixres_bn=args.fixres_bn,
         batch_size=args.batch_size, device=args.device, amp=args.amp, workers=args.workers,
         results=args.results, run_id=args.run_id, progress=not args.no_progress)
     if not is_main():  # torchrun: rank 0 wrote the rows and prints the tables

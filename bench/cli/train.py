@@ -6,8 +6,9 @@ import argparse
 from typing import Any, Dict
 
 from attnbench.accuracy.distributed import is_main
-from attnbench.accuracy.train import TrainConfig, TrainError, config_fields, resume_settings, \
-    train
+from attnbench.accuracy.seeds import parse_seeds, seed_path
+from attnbench.accuracy.train import OPTIMIZERS, RECIPES, TrainConfig, TrainError, \
+    config_fields, recipe_settings, resume_settings, train_seeds
 from attnbench.cli.args import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, \
     check_device, parse_options, parse_stages
 
@@ -17,8 +18,11 @@ def register_cli(sub, parent) -> None:
         "train", parents=[parent], help="train a backbone + attention module on an ImageFolder",
         description="Train a torchvision ResNet with one registered attention module on an "
                     "ImageFolder dataset (DIR/train/<class>, DIR/val/<class>): "
-                    "RandomResizedCrop+flip, SGD with momentum, linear warm-up + cosine LR, "
-                    "label smoothing, AMP on CUDA. Writes a checkpoint every epoch; "
+                    "RandomResizedCrop+flip, SGD with (Nesterov) momentum or AdamW, linear "
+                    "warm-up + cosine LR, label smoothing, AMP on CUDA. --recipe small-data "
+                    "(default: learns small data sets from scratch at CPU scale) or imagenet "
+                    "(the papers' recipe) sets the hyper-parameters not given. Writes a "
+                    "checkpoint every epoch; "
                     "--resume CKPT continues it (settings not given on the command line "
                     "are taken from the checkpoint).")
     d = TrainConfig()
@@ -36,20 +40,12 @@ def register_cli(sub, parent) -> None:
                         "(e.g. --option variant=joint --option steps=2)")
     add("--stages", "stage selection as JSON (e.g. '[3,4]'), 'all' or a preset name",
         "the module's default stages")
-    add("--resolution", "training resolution", d.resolution, type=POSITIVE_INT)
-    add("--crop-pct", "validation: resize to int(res/crop_pct), centre-crop res", d.crop_pct,
-        type=POSITIVE_FLOAT)
-    add("--rrc-scale", "RandomResizedCrop area scale range LO,HI", "0.08,1.0")
-    add("--epochs", "total epochs (of the whole run, resumed or not)", d.epochs, type=POSITIVE_INT)
-    add("--batch-size", "batch size (under torchrun the global batch, split over the ranks)",
-        d.batch_size, type=POSITIVE_INT)
-    add("--lr", "peak learning rate (after warm-up)", "0.1 * batch-size / 256",
-        type=POSITIVE_FLOAT)
-    add("--momentum", "SGD momentum", d.momentum, type=NONNEG_FLOAT)
-    add("--weight-decay", "on weights (not on biases / BN)", d.weight_decay, type=NONNEG_FLOAT)
-    add("--warmup-epochs", "linear warm-up length", d.warmup_epochs, type=NONNEG_FLOAT)
-    add("--label-smoothing", "CrossEntropyLoss label smoothing", d.label_smoothing,
-        type=NONNEG_FLOAT)
+    add("--recipe", "hyper-parameter preset: small-data (CPU-scale small data sets) or "
+        "imagenet (the papers': SGD lr 0.1 x batch/256, 90 epochs, wd 1e-4, crop 0.08-1, "
+        "224²); flags given override it", d.recipe, choices=list(RECIPES))
+    add("--seeds", "train once per seed, e.g. 0,1,2 or 0:3; several seeds write "
+        "<out stem>-seed<N>.pt each", "--seed")
+    _recipe_flags(p, add, d)
     add("--out", "checkpoint path, rewritten every epoch", f"{d.out}, or --resume's path")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue training from this checkpoint (same model and data)")
@@ -71,6 +67,35 @@ def register_cli(sub, parent) -> None:
                    help="under torchrun: batch norm with the statistics of the global batch "
                         "(torch's SyncBatchNorm on CUDA, attnbench's own on the CPU)")
     p.set_defaults(func=run)
+
+
+def _recipe_flags(p, add, d: TrainConfig) -> None:
+    """The hyper-parameter flags, each with its small-data and imagenet default."""
+    im = recipe_settings("imagenet")
+
+    def both(key, fmt=str):
+        return f"{fmt(getattr(d, key))}; imagenet: {fmt(im[key])}"
+    add("--resolution", "training resolution", both("resolution"), type=POSITIVE_INT)
+    add("--crop-pct", "validation: resize to int(res/crop_pct), centre-crop res", d.crop_pct,
+        type=POSITIVE_FLOAT)
+    add("--rrc-scale", "RandomResizedCrop area scale range LO,HI",
+        both("rrc_scale", lambda v: ",".join(f"{x:g}" for x in v)))
+    add("--epochs", "total epochs (of the whole run, resumed or not)", both("epochs"),
+        type=POSITIVE_INT)
+    add("--batch-size", "batch size (under torchrun the global batch, split over the ranks)",
+        both("batch_size"), type=POSITIVE_INT)
+    add("--lr", "peak learning rate (after warm-up)",
+        f"{d.lr}; imagenet: 0.1 * batch-size / 256", type=POSITIVE_FLOAT)
+    add("--optimizer", "sgd or adamw", both("optimizer"), choices=list(OPTIMIZERS))
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help=f"Nesterov momentum for SGD (default: {both('nesterov')})")
+    add("--momentum", "SGD momentum", both("momentum"), type=NONNEG_FLOAT)
+    add("--weight-decay", "on weights (not on biases / BN)", both("weight_decay"),
+        type=NONNEG_FLOAT)
+    add("--warmup-epochs", "linear warm-up length", both("warmup_epochs"), type=NONNEG_FLOAT)
+    add("--label-smoothing", "CrossEntropyLoss label smoothing", both("label_smoothing"),
+        type=NONNEG_FLOAT)
 
 
 def config_from_args(args) -> TrainConfig:
@@ -100,14 +125,29 @@ def _rrc_scale(text: Any) -> list:
     return [lo, hi]
 
 
+def _seeds(args, cfg: TrainConfig) -> list:
+    """``--seeds`` as a list (``[cfg.seed]`` when not given)."""
+    text = getattr(args, "seeds", None)
+    if text is None:
+        return [cfg.seed]
+    try:
+        return parse_seeds(text)
+    except ValueError as err:
+        raise TrainError(f"--seeds: {err}") from None
+
+
 def run(args) -> int:
     cfg = config_from_args(args)
     check_device(cfg.device)
-    ckpt = train(cfg, progress=not args.no_progress,
-                 allow_changes=getattr(args, "allow_changes", False))
-    last = ckpt["history"][-1] if ckpt.get("history") else {}
+    seeds = _seeds(args, cfg)
+    ckpts = train_seeds(cfg, seeds, progress=not args.no_progress,
+                        allow_changes=getattr(args, "allow_changes", False))
     if not is_main():  # torchrun: rank 0 wrote the checkpoint and says so
         return 0
-    print(f"wrote {cfg.out} ({ckpt['label']}, epoch {ckpt['epoch']}"
-          + (f", val top1 {last['val_top1']:.1f}%" if "val_top1" in last else "") + ")")
+    for seed, ckpt in zip(seeds, ckpts):
+        last = ckpt["history"][-1] if ckpt.get("history") else {}
+        out = cfg.out if len(seeds) == 1 else seed_path(cfg.out, seed)
+        print(f"wrote {out} ({ckpt['label']}, recipe {ckpt['args'].get('recipe')}, seed {seed}, "
+              f"epoch {ckpt['epoch']}"
+              + (f", val top1 {last['val_top1']:.1f}%" if "val_top1" in last else "") + ")")
     return 0

@@ -110,6 +110,49 @@ def t975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
+def mean_interval(values: Sequence[float]) -> Interval:
+    """The mean of ``values`` with its Student-t 95 % interval (one value: the value as
+    its own interval; none: nan). Used across blocks here and across seeds (accuracy)."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = sum(xs) / n
+    if n == 1:
+        return Interval(mean, mean, mean, 1)
+    half = t975(n - 1) * math.sqrt(_var(xs) / n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def _var(xs: Sequence[float]) -> float:
+    m = sum(xs) / len(xs)
+    return sum((float(x) - m) ** 2 for x in xs) / (len(xs) - 1)
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> Optional[Interval]:
+    """Welch's 95 % t-interval of ``mean(a) - mean(b)`` (unequal variances, the
+    Welch-Satterthwaite degrees of freedom rounded down); None with fewer than 2 of either."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = _var(a) / len(a), _var(b) / len(b)
+    diff = mean_interval(a).estimate - mean_interval(b).estimate
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Interval(diff, diff, diff, len(a) + len(b))
+    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1)))
+    half = t975(max(1, int(math.floor(df)))) * se
+    return Interval(diff, diff - half, diff + half, len(a) + len(b))
+
+
+def clears_noise(a: Sequence[float], b: Sequence[float]) -> Optional[bool]:
+    """Whether ``mean(a) - mean(b)`` clears the noise: its Welch interval excludes 0;
+    None when either side has fewer than 2 values."""
+    iv = welch_interval(a, b)
+    if iv is None:
+        return None
+    return iv.lo > 0 or iv.hi < 0 or (iv.lo == iv.hi and iv.estimate != 0)
+
+
 def block_interval(values: Sequence[float], blocks: Sequence[int]) -> Interval:
     """Batch means: the mean of the per-block medians of ``values`` (``blocks[i]`` is the
     block of ``values[i]``) with its Student-t 95 % interval over blocks. One block:
@@ -122,12 +165,8 @@ def block_interval(values: Sequence[float], blocks: Sequence[int]) -> Interval:
             by.setdefault(int(b), []).append(float(v))
     if len(by) < 2:
         return median_interval([v for vs in by.values() for v in vs])
-    meds = [median(vs) for _, vs in sorted(by.items())]
-    k = len(meds)
-    mean = sum(meds) / k
-    sd = math.sqrt(sum((m - mean) ** 2 for m in meds) / (k - 1))
-    half = t975(k - 1) * sd / math.sqrt(k)
-    return Interval(mean, mean - half, mean + half, sum(len(vs) for vs in by.values()), k)
+    iv = mean_interval([median(vs) for _, vs in sorted(by.items())])
+    return Interval(iv.estimate, iv.lo, iv.hi, sum(len(vs) for vs in by.values()), iv.n)
 
 
 def describe(iv: Interval) -> str:

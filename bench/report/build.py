@@ -91,6 +91,10 @@ def build_tables(g: Group) -> List[Tuple[str, List[T.Table]]]:
         t = T.resolution_table(idx, notes, *k, device=g.device, full=True)
         if len(t.headers) > len(short.headers):   # more than the main table shows
             full.append(t)
+    for b, ds, m in T.accuracy_keys(idx):
+        series = T.accuracy_series(idx, b, ds, m)
+        if m == "top1" and any(x.seeds > 1 for _, _, ser in series for x in ser.values()):
+            full.append(T.accuracy_sweep_table(idx, notes, b, ds, m, g.device))
     if full:
         sections.append(("Appendix: every measured resolution", full))
     uncounted = T.uncounted_table(idx, g.device)

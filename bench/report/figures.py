@@ -186,12 +186,16 @@ def _accuracy_points(ctx: _Plotting, series, tr: Optional[int],
         if tr_ != tr:
             continue
         best = T.best_of(ser)
-        legend = ctx.labels[v] + (f" ({T.fmt(best[1], metric)} % at {best[0]}²)"
-                                  if best else "")
+        n = max((m.seeds for m in ser.values()), default=0)
+        legend = ctx.labels[v] + (f" ({T.fmt(best[1], metric)} % at {best[0]}²"
+                                  + (f", {n} seeds" if n > 1 else "") + ")" if best else "")
         for res, m in ser.items():
             if m.ok:
+                several = len(m.values) > 1
                 rows.append({"method": ctx.labels[v], "legend": legend,
-                             "resolution": res, "value": m.value})
+                             "resolution": res, "value": m.value,
+                             "lo": m.lo if several else m.value,
+                             "hi": m.hi if several else m.value})
             elif m.status == "failed":
                 failed.append(f"{ctx.labels[v]} at {res}²: {m.error}")
     return rows, failed

@@ -378,6 +378,21 @@ def vs_resolution(data, base: Path, formats: Sequence[str], title: str, subtitle
         return _save(fig, base, formats)
 
 
+def _interval_bands(ax, data, colours: Dict[str, tuple]) -> bool:
+    """Shade each method's 95 % interval across seeds (columns ``lo``, ``hi``) with
+    ``fill_between``; True if any band has a width."""
+    if "lo" not in data or "hi" not in data:
+        return False
+    banded = False
+    for leg, part in data.sort_values("resolution").groupby("legend", sort=True):
+        if (part["hi"] - part["lo"]).abs().max() <= 0:
+            continue
+        ax.fill_between(part["resolution"], part["lo"], part["hi"], color=colours[leg],
+                        alpha=0.18, linewidth=0)
+        banded = True
+    return banded
+
+
 def accuracy_vs_resolution(data, base: Path, formats: Sequence[str], title: str,
                            subtitle: str, ylabel: str, colours: Dict[str, tuple],
                            failed: Sequence[str] = (), xlabel: str = "test resolution (px, square)"
@@ -398,10 +413,14 @@ def accuracy_vs_resolution(data, base: Path, formats: Sequence[str], title: str,
                      hue="legend", hue_order=order, palette=legend_colours, style="legend",
                      style_order=order, markers=dict(zip(order, _MARKERS * 4)), dashes=False,
                      markersize=6, linewidth=1.6, estimator=None, sort=True, ax=ax)
+        banded = _interval_bands(ax, data, legend_colours)
         _res_axis(ax, data["resolution"], xlabel)
         ax.set_ylabel(ylabel)
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
                         title="method (best accuracy)")
+        if banded:
+            subtitle = (subtitle + "; " if subtitle else "") + \
+                "line: mean over seeds, band: 95 % t-interval across seeds"
         _title(fig, title, subtitle)
         _footer(fig, [f"not plotted, failed: {f}" for f in failed])
         return _save(fig, base, formats)

@@ -735,39 +735,18 @@ def seed_measure(rows: Sequence[Dict[str, Any]]) -> Measure:
     if len(ok) <= 1:
         return ok[0] if ok else choose(rows)
     xs = tuple(m.value for m in ok)
-    mean, lo, hi = mean_interval(xs)
+    from attnbench.profilers.stats import mean_interval
+    iv = mean_interval(xs)
+    mean, lo, hi = iv.estimate, iv.lo, iv.hi
     return Measure("ok", mean, "", ok[-1].row, xs, lo, hi)
-
-
-def mean_interval(xs: Sequence[float]) -> Tuple[float, float, float]:
-    """``(mean, lo, hi)``: the mean of ``xs`` with its 95 % Student-t interval."""
-    from attnbench.profilers.stats import t975
-    n = len(xs)
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, mean, mean
-    half = t975(n - 1) * math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
-    return mean, mean - half, mean + half
 
 
 def within_noise(a: Measure, b: Measure) -> Optional[bool]:
     """Whether the difference of two several-seed means does NOT clear the seed noise:
-    the Welch 95 % t-interval of ``a - b`` contains 0 (None with < 2 seeds on a side)."""
-    from attnbench.profilers.stats import t975
-    if len(a.values) < 2 or len(b.values) < 2:
-        return None
-    va, vb = (_var(m.values) / len(m.values) for m in (a, b))
-    se = math.sqrt(va + vb)
-    diff = a.value - b.value
-    if se == 0:
-        return diff == 0
-    df = (va + vb) ** 2 / (va ** 2 / (len(a.values) - 1) + vb ** 2 / (len(b.values) - 1))
-    return abs(diff) <= t975(max(1, int(df))) * se
-
-
-def _var(xs: Sequence[float]) -> float:
-    m = sum(xs) / len(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    its Welch 95 % t-interval contains 0 (None with < 2 seeds on a side)."""
+    from attnbench.profilers.stats import clears_noise
+    clears = clears_noise(a.values, b.values)
+    return None if clears is None else not clears
 
 
 def accuracy_series(idx: Index, backbone: str, dataset: str, metric: str):
@@ -878,6 +857,32 @@ def accuracy_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric
     return Table(key, f"{metric_name(metric)} accuracy vs test resolution, {backbone}{ds}",
                  headers, rows, align, _acc_intro(backbone, ds, device, metric, any_scaled,
                                                   seeds), tn.items)
+
+
+def accuracy_sweep_table(idx: Index, notes: Notes, backbone: str, dataset: str, metric: str,
+                         device: str) -> Table:
+    """Every tested size of each variant (the data of Fig. 3), ``mean [lo, hi]`` over
+    seeds with ``≈`` as in :func:`accuracy_table`; one table per training size."""
+    series = accuracy_series(idx, backbone, dataset, metric)
+    tn = notes.start_table()
+    sizes = sorted({res for _, _, ser in series for res in ser})
+    rows = []
+    for v, tr, ser in series:
+        ref = _acc_reference(series, tr, ser)
+        n = max((m.seeds for m in ser.values()), default=0)
+        rows.append([Cell(idx.labels[v]), Cell(res_text(tr)), Cell(str(n))]
+                    + [_acc_cell(ser.get(res, Measure("missing")), ref and ref.get(res),
+                                 metric, idx.labels[v], tn) for res in sizes])
+    headers = ["method", "trained at", "seeds"] + [res_text(r) for r in sizes]
+    ds = f" on {dataset}" if dataset else ""
+    intro = [f"{metric_name(metric)} accuracy (%) of {backbone}{ds} at every tested size "
+             f"(evaluated on `{device}`; the data of the accuracy plot): mean over seeds "
+             f"[95 % Student-t interval across seeds]; ≈ = difference from the plain "
+             f"backbone within the seed noise.",
+             f"{DASH} = failed (reason in the note), {MISSING} = not measured."]
+    key = f"acc-sweep-{metric}-{backbone}" + (f"-{slug(dataset)}" if dataset else "")
+    return Table(key, f"{metric_name(metric)} accuracy at every test size, {backbone}{ds}",
+                 headers, rows, ["left"] + ["right"] * (len(headers) - 1), intro, tn.items)
 
 
 def _acc_intro(backbone: str, ds: str, device: str, metric: str, any_scaled: bool,
