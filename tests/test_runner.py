@@ -328,7 +328,7 @@ def test_cli_dry_run_of_the_default_config(capsys):
     assert main(["run", "default", "--dry-run", "--only", "module=se",
                  "--only", "metric=latency"]) == 0
     out = capsys.readouterr().out
-    assert "configs/default.toml: 12 cells" in out  # se and the plain backbone: 6 each
+    assert "configs/default.toml: 10 cells" in out  # se and the plain backbone: 5 groups each
 
 
 def test_real_measure_tiny_end_to_end(tmp_path):
