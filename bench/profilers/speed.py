@@ -517,7 +517,7 @@ def time_interleaved(models: Dict[str, nn.Module], mode: str = "eval", batch: in
         timers = {k: _RunTimer(s, dev) for k, s in steps.items()}
         _warm_up(steps, errors, warmup, seed)
         _sync(dev)
-        make = functools.partial(_remake, mode=mode, batch=batch, resolution=resolution,
+        make = functools.partial(Step, mode=mode, batch=batch, resolution=resolution,
                                  device=device, amp=amp, channels_last=channels_last,
                                  seed=seed, precision=precision)
         renew = _renewer(steps, timers, errors, make, seed) if not compile else None
@@ -538,10 +538,6 @@ def time_interleaved(models: Dict[str, nn.Module], mode: str = "eval", batch: in
     return InterleavedResult(stats=stats, ratios=ratios, baseline=baseline, orders=orders,
                              stop=stop, ci_target=ci_target, load=(load0, _load()),
                              wall_s=time.perf_counter() - t0, errors=errors)
-
-
-def _remake(model: nn.Module, **how) -> "Step":
-    return Step(model, **how)
 
 
 def _ratio_stats(base: List[float], model: List[float], blocks: List[int]) -> RatioStats:
