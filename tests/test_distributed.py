@@ -232,6 +232,37 @@ def test_backend_choices_and_ray_resources(monkeypatch):
         ray_backend.check_cells([Cell(metrics=("latency",), device="cuda:1", **cell)])
 
 
+def test_ray_task_survives_an_unreachable_forkserver(cfg_path, monkeypatch):
+    """A Ray worker process is reused; CI saw its forkserver refuse connections after
+    cancelled tasks. Here the forkserver state points at a socket nobody listens on and a
+    live pid: the task's unit still runs (spawned) and the log says so."""
+    import multiprocessing.forkserver as forkserver
+    fs = forkserver._forkserver
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    sock = socket.socket(socket.AF_UNIX)
+    address = str(cfg_path.parent / "dead-forkserver.sock")
+    sock.bind(address)
+    sock.close()  # the socket file stays; no one listens on it
+    _, alive_w = os.pipe()
+    monkeypatch.setattr(fs, "_forkserver_pid", sleeper.pid)
+    monkeypatch.setattr(fs, "_forkserver_address", address)
+    monkeypatch.setattr(fs, "_forkserver_alive_fd", alive_w)
+    monkeypatch.setattr(ray_backend, "_START_METHOD", None)
+    monkeypatch.syspath_prepend(str(TESTS))  # the spawned worker imports this module
+    cell = expand(load_config(cfg_path))[0]
+    try:
+        with pytest.raises(ConnectionRefusedError):  # the state really is broken
+            forkserver.connect_to_new_process([])
+        kind, payload, _, _, log, _ = ray_backend.unit_task(
+            [cell.to_dict()], measure_cell, measure_group, [], 60.0, {})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert kind == "rows" and payload[0]["value"] == float(cell.resolution), payload
+    assert ray_backend._START_METHOD == "spawn"
+    assert "ConnectionRefusedError" in log and "spawned from now on" in log
+
+
 # --------------------------------------------------------------------------- DDP pieces
 
 def test_global_batches_and_augmentations_do_not_depend_on_the_world_size(tmp_path):

@@ -306,13 +306,10 @@ def test_four_flows_train_backward():
 
 @pytest.mark.slow
 def test_resnet50_every_resolution_batch_mode():
-    model = build_model("resnet50", "tdaf", num_classes=10)
+    """Train-mode forward at batch 1 (Multi-Flow BN's batch statistics over one sample's
+    pixels) at every resolution; eval and batch 2 are in test_all_modules."""
+    model = build_model("resnet50", "tdaf", num_classes=10).train()
     for res in RESOLUTIONS:
-        for batch in (1, 2):
-            x = torch.randn(batch, 3, res, res)
-            for train in (True, False):
-                model.train(train)
-                with torch.no_grad():
-                    y = model(x)
-                assert y.shape == (batch, 10), (res, batch, train)
-                assert torch.isfinite(y).all(), (res, batch, train)
+        with torch.no_grad():
+            y = model(torch.randn(1, 3, res, res))
+        assert y.shape == (1, 10) and torch.isfinite(y).all(), res

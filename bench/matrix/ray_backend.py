@@ -83,10 +83,32 @@ def unit_task(cells: List[Dict[str, Any]], measure, measure_group, plugins: Sequ
     return kind, payload, cpu, wall, text, host
 
 
+#: how this Ray worker process starts unit workers: None (the forkserver) until starting
+#: one through the forkserver fails, then "spawn" for the rest of the process's life
+_START_METHOD: Optional[str] = None
+
+
+def _start_worker(measure, measure_group, plugins, log: Path) -> Worker:
+    """A unit worker; a Ray worker process is reused across tasks, and a cancelled task
+    can leave its forkserver unreachable (seen in CI: ``ConnectionRefusedError`` on the
+    next tasks), so an ``OSError`` while starting switches this process to ``spawn``."""
+    global _START_METHOD
+    try:
+        return Worker(measure, measure_group, plugins, log, start_method=_START_METHOD)
+    except OSError as err:
+        if _START_METHOD == "spawn":
+            raise
+        _START_METHOD = "spawn"
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"attnbench: the forkserver of pid {os.getpid()} failed "
+                     f"({type(err).__name__}: {err}); workers are spawned from now on\n")
+        return Worker(measure, measure_group, plugins, log, start_method="spawn")
+
+
 def _in_worker(cells, measure, measure_group, plugins, limit: float, log: Path):
     """The local backend's worker answer for ``cells``; the worker is killed when Ray
     cancels the task (KeyboardInterrupt)."""
-    worker = Worker(measure, measure_group, plugins, log)
+    worker = _start_worker(measure, measure_group, plugins, log)
     try:
         answer = worker.run([Cell.from_dict(d) for d in cells], limit)
         worker.close()

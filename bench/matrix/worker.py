@@ -241,12 +241,13 @@ def _cpu_seconds() -> Optional[float]:
 
 # --------------------------------------------------------------------------- parent side
 
-def _context(*measures: MeasureSpec):
+def _context(*measures: MeasureSpec, start_method: Optional[str] = None):
     """The multiprocessing context of the workers: ``forkserver`` where there is one
     (the server imports torch, the modules and the profilers once; each worker is a
-    fork of that clean process: fresh, quick, no CUDA state), else ``spawn``."""
+    fork of that clean process: fresh, quick, no CUDA state), else ``spawn``;
+    ``start_method="spawn"`` forces spawn."""
     import multiprocessing as mp
-    if "forkserver" not in mp.get_all_start_methods():
+    if start_method == "spawn" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # the profilers' imports for the default measure; an injected one brings its own
@@ -270,8 +271,9 @@ class Worker:
     """A spawned worker process and its pipe."""
 
     def __init__(self, measure: MeasureSpec, measure_group: MeasureSpec,
-                 plugins: Sequence[str], log_path: Optional[Path]):
-        ctx = _context(measure, measure_group)
+                 plugins: Sequence[str], log_path: Optional[Path],
+                 start_method: Optional[str] = None):
+        ctx = _context(measure, measure_group, start_method=start_method)
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, name="attnbench-worker", daemon=True,
                                 args=(child, measure, measure_group, list(plugins),
