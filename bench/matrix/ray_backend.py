@@ -16,7 +16,9 @@ writes them to ``results/<run_id>/`` after each unit and appends the log to the 
 ``worker.log``, so resume, ``--retry-failed`` and failed rows are the local backend's.
 Ray does not retry a unit (``max_retries=0``): a unit whose Ray worker or node dies, or that
 Ray cancels, gets failed rows naming the Ray error. Ctrl-C cancels the units in flight
-(their worker processes are killed); finished units are kept.
+with ``force=True``: their Ray worker processes are killed (and with them the unit's
+worker and forkserver) rather than interrupted by a KeyboardInterrupt that could land in
+the next task's code; finished units are kept.
 """
 from __future__ import annotations
 
@@ -248,8 +250,8 @@ def _collect(ray, run, pending: Dict[Any, List[Cell]], unit_rows, progress: bool
     except KeyboardInterrupt:
         run.summary.interrupted = True
     finally:
-        for ref in pending:
-            ray.cancel(ref)
+        for ref in pending:  # force: the Ray worker process is replaced, not interrupted
+            ray.cancel(ref, force=True)
         if bar is not None:
             bar.close()
 
