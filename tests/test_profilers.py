@@ -645,3 +645,16 @@ def test_timing_flushes_denormals_on_the_cpu_and_restores_after():
     m = _tiny()
     st = speed.time_model(m, "train", batch=2, resolution=32, warmup=0, repeats=1)
     assert "denormals flushed" in st.method and (tiny * 1.0).item() != 0.0
+
+
+def test_the_forkservers_preload_imports_the_counters_without_warnings():
+    """fvcore's import calls torch.jit.script (a FutureWarning in torch >= 2.10); the
+    runner's forkserver imports it through attnbench.profilers.preload, silently."""
+    import subprocess
+    import sys
+    from attnbench.matrix import worker
+    assert "attnbench.profilers.preload" in worker._PRELOAD
+    code = "import attnbench.profilers.preload, sys; print('fvcore.nn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]

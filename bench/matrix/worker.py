@@ -42,7 +42,7 @@ WORKER_START_TIMEOUT = 600.0
 WATCH_INTERVAL = 0.5
 #: what the forkserver imports for the default measurement
 _PRELOAD = ["attnbench.modules", "attnbench.matrix.worker", "attnbench.matrix.measure",
-            "fvcore.nn", "ptflops"]
+            "attnbench.profilers.preload"]
 
 
 class RunnerError(R.ResultsError):
