@@ -255,3 +255,21 @@ def test_checkpoint_content_hash_refuses_changed_weights(tmp_path):
     del old["content_hash"]
     torch.save(old, tmp_path / "old.pt")
     load_checkpoint(tmp_path / "old.pt")
+
+
+def test_small_folders_decode_each_image_once_with_the_same_tensors(tiny_data, monkeypatch):
+    from torchvision.datasets import folder as tv_folder
+    from attnbench.accuracy import train as T
+    opened = []
+    real = tv_folder.default_loader
+    monkeypatch.setattr(tv_folder, "default_loader", lambda p: opened.append(p) or real(p))
+    cached = image_folder(tiny_data / "val", eval_transform(32), "val")
+    assert isinstance(cached.loader, T.CachedLoader)
+    first = [cached[i][0] for i in range(len(cached))]
+    second = [cached[i][0] for i in range(len(cached))]
+    assert len(opened) == len(cached) == len(set(opened))  # each file decoded once
+    monkeypatch.setattr(T, "CACHE_MAX_IMAGES", 0)
+    plain = image_folder(tiny_data / "val", eval_transform(32), "val")
+    assert not isinstance(plain.loader, T.CachedLoader)
+    for a, b, (c, _) in zip(first, second, plain):
+        assert torch.equal(a, b) and torch.equal(a, c)
