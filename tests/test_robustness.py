@@ -201,3 +201,21 @@ def test_demo_uses_robustness_not_the_other_way():
     names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(n and (n.endswith("demo") or n.startswith("attnbench.cli")) for n in names)
+
+
+def test_demo_threads_follow_the_cores_busy_now(monkeypatch):
+    """auto_threads counts the cores other work uses now (/proc/stat), not the lagging
+    load average."""
+    from attnbench.accuracy import demo
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (4.0, 4.0, 4.0))  # a job just ended
+    ticks = iter([(1000, 2000), (1400, 2400)])  # 400 of 400 jiffies idle: nothing runs
+    monkeypatch.setattr(demo, "_cpu_times", lambda: next(ticks))
+    monkeypatch.setattr(demo.time, "sleep", lambda s: None)
+    assert demo.auto_threads() == 4
+    ticks = iter([(1000, 2000), (1100, 2400)])  # 3 of 4 cores busy
+    monkeypatch.setattr(demo, "_cpu_times", lambda: next(ticks))
+    assert demo.auto_threads() == 1
+    monkeypatch.setattr(demo, "_cpu_times", lambda: None)  # no /proc: the load average
+    assert demo.auto_threads() == 1
+    assert demo._cpu_times is not None and demo.busy_cores(0.0) is None

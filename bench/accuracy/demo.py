@@ -67,7 +67,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": dict(backbone="resnet18", resolution=48, kind="shapes",
                 classes=["circle-stripes3", "circle-stripes7", "square-stripes3",
                          "square-stripes7"],
-                train_per_class=150, val_per_class=40, epochs=20, batch_size=32,
+                train_per_class=150, val_per_class=40, epochs=16, batch_size=16,
+                lr=0.05, rrc_scale=[0.5, 1.0],
                 seeds=[0, 1, 2], models="none,se", nuisance=0.3, oversample=4,
                 fixres_bn=True, device="cpu", amp=False, workers=0),
     "gpu": dict(backbone="resnet50", resolution=224, kind="shapes",
@@ -86,15 +87,43 @@ def demo_sweep(resolution: int, factors: Sequence[float] = SWEEP_FACTORS) -> Lis
     return sorted({max(4, int(resolution * f / 4 + 0.5) * 4) for f in factors})
 
 
-def auto_threads() -> int:
-    """CPU threads for torch: all cores on an idle machine, fewer when it is busy
-    (on an oversubscribed CPU one thread is several times faster than two)."""
-    cores = os.cpu_count() or 1
+def _cpu_times() -> Optional[Tuple[int, int]]:
+    """``(idle + iowait, total)`` jiffies of all CPUs from ``/proc/stat``; None without it."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def busy_cores(interval: float = 0.5) -> Optional[float]:
+    """Cores in use by other work now: the busy share of ``/proc/stat`` over ``interval``
+    seconds times the core count (the 1-minute load average still counts a job that
+    ended seconds ago: it made a demo run on 1 thread of 2, 18.9 min instead of ~11)."""
+    first = _cpu_times()
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times()
+    total = second[1] - first[1]
+    if total <= 0:
+        return None
+    return (1.0 - (second[0] - first[0]) / total) * (os.cpu_count() or 1)
+
+
+def auto_threads() -> int:
+    """CPU threads for torch: all cores on an idle machine, fewer when other work keeps
+    some busy now (on an oversubscribed CPU one thread is several times faster than two);
+    the load average where ``/proc/stat`` is missing."""
+    cores = os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def parse_models(text: Optional[str]) -> List[Tuple[str, str, Dict[str, Any]]]:
@@ -155,7 +184,8 @@ def run_demo(out: "str | Path" = "runs/robustness-demo", results: "str | Path" =
     if preset not in PRESETS:
         raise AttnbenchError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     settings = dict(PRESETS[preset])
-    recipe = {k: overrides.pop(k) for k in list(overrides) if k in RECIPE_OVERRIDES}
+    recipe = {k: settings.pop(k) for k in list(settings) if k in RECIPE_OVERRIDES}
+    recipe.update({k: overrides.pop(k) for k in list(overrides) if k in RECIPE_OVERRIDES})
     unknown = [k for k in overrides if k not in settings]
     if unknown:
         raise AttnbenchError(f"run_demo: unknown settings {', '.join(unknown)}")
