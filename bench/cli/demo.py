@@ -21,7 +21,7 @@ def register_cli(sub, parent) -> None:
                     "224 -> 168..448) with and without FixRes batch-norm re-estimation, "
                     "write rows to the results store and print a Table-2-like table with "
                     "95 %% intervals across seeds. --preset cpu (default): ResNet-18 at 48², "
-                    "none and SE, 3 seeds, about 13 minutes on 2 CPU cores; --preset gpu: "
+                    "none and SE, 3 seeds, about 12 minutes on 2 CPU cores; --preset gpu: "
                     "ResNet-50 at 224², the five modules, 3 seeds, about 10 minutes on one "
                     "H100. Flags given override the preset.")
     S = argparse.SUPPRESS
