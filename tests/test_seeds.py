@@ -8,10 +8,10 @@ import torch
 
 from attnbench.accuracy import seeds as S
 from attnbench.accuracy.data import make_dataset, texture_class_names
-from attnbench.accuracy.robustness import FIXRES_SUFFIX, _Images, accuracy_tables, \
+from attnbench.accuracy.robustness import FIXRES_SUFFIX, accuracy_tables, \
     evaluate_checkpoints, reestimate_bn
 from attnbench.accuracy.train import RECIPES, TrainConfig, TrainError, eval_transform, \
-    train_seeds
+    image_folder, train_seeds
 from attnbench.results import load_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,11 +106,10 @@ def test_crop_pct_and_interpolation_follow_timm():
 
 
 def test_fixres_bn_reestimation_changes_running_stats_only(tiny):
-    from torchvision.datasets import ImageFolder
     from attnbench.modules import build_model
     torch.manual_seed(0)
     model = build_model("resnet18", "se", num_classes=3).eval()
-    images = _Images(ImageFolder(str(tiny / "train")), cache=True)
+    images = image_folder(tiny / "train", None, "train")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fixed = reestimate_bn(model, images, 4, "cpu", eval_transform(48), batches=2)
     after = fixed.state_dict()

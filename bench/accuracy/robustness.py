@@ -51,7 +51,7 @@ DEFAULT_RESOLUTIONS = list(RESOLUTION_SWEEP)
 #: the metrics of every (checkpoint, test size)
 ACCURACY_METRICS = ("top1", "top5")
 REFERENCE_TRAIN_RES = 224
-CACHE_LIMIT = 20000  # validation sets up to this many images are decoded once, kept in memory
+CACHE_LIMIT = 20000  # folders (validation, BN re-estimation) up to this many images decode once
 FIXRES_BATCHES = 4  # training batches (of --batch-size) that re-estimate the BN statistics
 #: the label suffix of the FixRes variant (BN statistics re-estimated at the test size)
 FIXRES_SUFFIX = " [BN@test]"
@@ -108,28 +108,6 @@ def sweep_text(resolutions: Sequence[int], train_res: Optional[int]) -> str:
 
 
 # --------------------------------------------------------------------------- data
-
-class _Images(torch.utils.data.Dataset):
-    """(image, label) pairs with a transform; images decoded once when cached."""
-
-    def __init__(self, folder, cache: bool):
-        self.folder = folder
-        self.cache = [None] * len(folder.samples) if cache else None
-        self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.folder.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.folder.samples[i]
-        img = self.cache[i] if self.cache is not None else None
-        if img is None:
-            img = self.folder.loader(path)
-            if self.cache is not None:
-                img.load()
-                self.cache[i] = img
-        return self.transform(img), label
-
 
 def val_root(data: "str | Path") -> Path:
     """``DIR/val`` when it exists, else ``DIR`` itself (an ImageFolder of classes)."""
@@ -311,8 +289,8 @@ class _Evaluation:
     def __init__(self, data, resolutions, scale_from, crop_pct, batch_size, device, amp,
                  workers, progress, log) -> None:
         self.root = val_root(data)
-        self.folder = image_folder(self.root, None, "validation")
-        self.images = _Images(self.folder, cache=len(self.folder.samples) <= CACHE_LIMIT)
+        # the validation images; their transform is set per test size
+        self.folder = image_folder(self.root, None, "validation", cache_max=CACHE_LIMIT)
         self.dataset = str(data)
         self.resolutions, self.scale_from, self.crop_pct = resolutions, scale_from, crop_pct
         self.batch_size, self.device, self.workers = batch_size, device, workers
@@ -320,7 +298,7 @@ class _Evaluation:
         self.amp = bool(amp) and self.dev.type == "cuda"
         self.progress, self.log = progress, log
         self.interpolation, self.fixres_bn = "bilinear", False
-        self._bn_images: Optional[_Images] = None
+        self._bn_images = None
 
     def open_run(self, results, run_id: Optional[str], config_text: str) -> None:
         """Name the run, note its finished cells, write its ``env.json``."""
@@ -377,7 +355,7 @@ class _Evaluation:
         n_classes = int(config.get("num_classes") or len(classes) or 1000)
         error = self.class_error(classes, n_classes)
         self.log(f"{label} ({ckpt_path}): trained at {train_res}, "
-                 f"{sweep_text(res_list, train_res)}, {len(self.images)} images")
+                 f"{sweep_text(res_list, train_res)}, {len(self.folder)} images")
         model.to(self.dev)
         rows = self.sweep(model, maker, res_list, n_classes, error)
         if self.fixres_bn:
@@ -435,9 +413,9 @@ class _Evaluation:
             if maker.bn_stats == "test":
                 model = reestimate_bn(model, self.bn_images(), self.batch_size, self.device,
                                       eval_transform(res, self.crop_pct, self.interpolation))
-            self.images.transform = eval_transform(res, self.crop_pct, self.interpolation)
+            self.folder.transform = eval_transform(res, self.crop_pct, self.interpolation)
             loader = torch.utils.data.DataLoader(
-                distributed.shard(self.images), batch_size=self.batch_size, shuffle=False,
+                distributed.shard(self.folder), batch_size=self.batch_size, shuffle=False,
                 num_workers=self.workers, pin_memory=self.dev.type == "cuda")
             acc = evaluate(model, loader, self.device, self.amp, topk=5,
                            progress=self.progress and len(loader) > 1,
@@ -453,15 +431,15 @@ class _Evaluation:
         return maker.ok(res, acc, n_classes)
 
 
-    def bn_images(self) -> "_Images":
+    def bn_images(self):
         """The training images that re-estimate the BN statistics (``--fixres-bn``)."""
         if self._bn_images is None:
-            folder = image_folder(Path(self.dataset) / "train", None, "train")
-            self._bn_images = _Images(folder, cache=len(folder.samples) <= CACHE_LIMIT)
+            self._bn_images = image_folder(Path(self.dataset) / "train", None, "train",
+                                           cache_max=CACHE_LIMIT)
         return self._bn_images
 
 
-def reestimate_bn(model: torch.nn.Module, images: "_Images", batch_size: int, device: str,
+def reestimate_bn(model: torch.nn.Module, images, batch_size: int, device: str,
                   transform, batches: int = FIXRES_BATCHES, seed: int = 0) -> torch.nn.Module:
     """A copy of ``model`` whose batch-norm running statistics are re-estimated at the
     test resolution (FixRes, Touvron et al. 2019, the BN-only variant of its fine-tuning):

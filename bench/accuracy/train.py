@@ -107,9 +107,9 @@ class CachedLoader:
         return image
 
 
-def image_folder(root: Path, transform, what: str):
-    """An ImageFolder; folders of up to :data:`CACHE_MAX_IMAGES` images decode each image
-    once (:class:`CachedLoader`)."""
+def image_folder(root: Path, transform, what: str, cache_max: Optional[int] = None):
+    """An ImageFolder; folders of up to ``cache_max`` images (default
+    :data:`CACHE_MAX_IMAGES`) decode each image once (:class:`CachedLoader`)."""
     from torchvision.datasets import ImageFolder
     root = Path(root)
     if not root.is_dir():
@@ -119,7 +119,7 @@ def image_folder(root: Path, transform, what: str):
         folder = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
         raise TrainError(f"{root}: not a usable ImageFolder: {err}") from None
-    if len(folder.samples) <= CACHE_MAX_IMAGES:
+    if len(folder.samples) <= (CACHE_MAX_IMAGES if cache_max is None else cache_max):
         folder.loader = CachedLoader()
     return folder
 
