@@ -31,20 +31,20 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--results", default="results", help="results store folder")
     p.add_argument("--run-id", default=None)
     p.add_argument("--resolution", type=number_type(int, 8), default=S,
-                   help="training resolution R (cpu: 48, gpu: 224)")
+                   help="training resolution R " + _preset_values("resolution"))
     p.add_argument("--classes", type=_classes, default=S,
                    help="number of classes or a comma list of names (preset: 4 = circle / "
                         "square x 3 / 7 stripes; gpu: 6)")
     p.add_argument("--train", dest="train_per_class", type=POSITIVE_INT, default=S,
-                   help="training images per class (cpu: 150, gpu: 300)")
+                   help="training images per class " + _preset_values("train_per_class"))
     p.add_argument("--val", dest="val_per_class", type=POSITIVE_INT, default=S,
-                   help="validation images per class (cpu: 40)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=S, help="(cpu: 20, gpu: 20)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=S, help="(cpu: 32, gpu: 64)")
+                   help="validation images per class " + _preset_values("val_per_class"))
+    p.add_argument("--epochs", type=POSITIVE_INT, default=S, help=_preset_values("epochs"))
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=S, help=_preset_values("batch_size"))
     p.add_argument("--seeds", type=_seeds, default=S, help="seeds, e.g. 0,1,2 (preset: 0,1,2)")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=S,
-                   help="peak learning rate (default: the small-data recipe's)")
-    p.add_argument("--backbone", default=S, help="(cpu: resnet18, gpu: resnet50)")
+                   help="peak learning rate " + _preset_values("lr", "the small-data recipe's"))
+    p.add_argument("--backbone", default=S, help=_preset_values("backbone"))
     p.add_argument("--models", default=S,
                    help="comma list of none,se,cbam,fca,td (cpu: none,se; gpu: all five), or "
                         "'name=module:{json options}' items separated by ';'")
@@ -52,12 +52,17 @@ def register_cli(sub, parent) -> None:
                    help="strength of the dataset's nuisance variation (0..1)")
     p.add_argument("--no-fixres-bn", dest="fixres_bn", action="store_false", default=S,
                    help="skip the variant with BN statistics re-estimated at each test size")
-    p.add_argument("--device", default=S, help="(cpu: cpu, gpu: cuda)")
+    p.add_argument("--device", default=S, help=_preset_values("device"))
     p.add_argument("--workers", type=NONNEG_INT, default=S, help="DataLoader workers")
     p.add_argument("--threads", default="auto",
                    help="torch CPU threads, or 'auto' (fewer when the machine is busy)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def _preset_values(key: str, missing: str = "-") -> str:
+    """``(cpu: 48, gpu: 224)``: each preset's value of ``key``, for the help text."""
+    return "(" + ", ".join(f"{name}: {p.get(key, missing)}" for name, p in PRESETS.items()) + ")"
 
 
 def _seeds(text: str) -> list:
