@@ -108,8 +108,9 @@ def _start_worker(measure, measure_group, plugins, log: Path) -> Worker:
 
 
 def _in_worker(cells, measure, measure_group, plugins, limit: float, log: Path):
-    """The local backend's worker answer for ``cells``; the worker is killed when Ray
-    cancels the task (KeyboardInterrupt)."""
+    """The local backend's worker answer for ``cells``; the worker is killed when the task
+    is interrupted (a KeyboardInterrupt; the runner's forced cancel kills the whole Ray
+    worker process instead, and the unit's worker dies with it)."""
     worker = _start_worker(measure, measure_group, plugins, log)
     try:
         answer = worker.run([Cell.from_dict(d) for d in cells], limit)
