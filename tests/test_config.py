@@ -131,6 +131,29 @@ resolutions = [224, 256]
     assert same == [c.metrics != ("latency",) for c in a] and len(a) == 4
 
 
+def test_a_sweep_sets_its_cells_threads_and_the_others_keep_the_configs():
+    cfg = parse('threads = 2\n' + BASE + '[[sweeps]]\nmetrics = ["flops"]\nthreads = 1\n'
+                '[[sweeps]]\nmetrics = ["latency"]\n[[sweeps]]\nmetrics = ["latency"]\n'
+                'threads = 1\n')
+    cells = expand(cfg)
+    flops = [c for c in cells if c.metrics == ("flops",)]
+    timed = [c for c in cells if c.metrics == ("latency",)]
+    assert flops and {c.threads for c in flops} == {1}
+    assert sorted(c.threads for c in timed) == [1, 1, 2, 2]
+    # the thread count is part of the timing: a group never mixes two of them
+    assert len({c.group for c in timed}) == 2
+    assert all(len({c.threads for c in u}) == 1 for u in units(cells))
+    assert len({c.id for c in cells}) == len(cells)
+
+
+def test_default_counts_untimed_cells_two_at_once_on_one_thread_each():
+    cfg = load_config("default")
+    cells = expand(cfg)
+    assert cfg.jobs == 2 and cfg.threads == 2
+    assert {c.threads for c in cells if c.metrics != ("latency",)} == {1}
+    assert {c.threads for c in cells if c.metrics == ("latency",)} == {2}
+
+
 def test_interleave_off_gives_single_cells():
     cfg = parse(BASE + '[timing]\ninterleave = false\n')
     cells = expand(cfg)
@@ -175,6 +198,7 @@ def test_interleave_off_gives_single_cells():
     (BASE + '[[sweeps]]\nbackbones = ["resnet50"]\n', "sweeps[0].backbones",
      "not one of the config's backbones"),
     (BASE + '[[sweeps]]\nwidth = 3\n', "sweeps[0].width", "unknown key"),
+    (BASE + '[[sweeps]]\nthreads = 0\n', "sweeps[0].threads", "integer >= 1"),
     ('device = "gpu"\n' + BASE, "device", "'cpu', 'cuda'"),
     ('resolutions = [0]\n' + BASE, "resolutions", "integer >= 8"),
 ])

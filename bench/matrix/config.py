@@ -110,7 +110,7 @@ TIMING_KEYS = {"warmup", "repeats", "min_run_time", "interleave", "timeout_s", "
 MODULE_KEYS = {"name", "options", "stages", "backbones", "label"}
 #: the execution-mode axes (top level: every sweep's default)
 AXIS_KEYS = ("precision", "channels_last", "compile")
-SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones"} | TIMING_KEYS \
+SWEEP_KEYS = {"metrics", "resolutions", "batches", "modes", "backbones", "threads"} | TIMING_KEYS \
     | set(AXIS_KEYS)
 TIMING_DEFAULTS = {"warmup": 2, "repeats": 5, "min_run_time": 0.0, "interleave": True,
                    "timeout_s": 600.0}
@@ -152,6 +152,7 @@ class Sweep:
     precisions: List[str] = field(default_factory=lambda: ["fp32"])
     channels_last: List[bool] = field(default_factory=lambda: [False])
     compile: List[bool] = field(default_factory=lambda: [False])
+    threads: Optional[int] = None   # torch threads of this sweep's cells (None: the config's)
 
 
 @dataclass
@@ -466,6 +467,7 @@ def _sweep(ck: _Checker, s: Mapping[str, Any], key: str, defaults: Mapping[str, 
         precisions=ck.precisions(merged["precision"], k("precision"), device),
         channels_last=ck.bool_list(merged["channels_last"], k("channels_last")),
         compile=ck.bool_list(merged["compile"], k("compile")),
+        threads=ck.int_(s["threads"], k("threads"), 1) if "threads" in s else None,
     )
 
 
@@ -693,7 +695,8 @@ def _axes(sweep: Sweep, metric: str) -> List[Tuple[str, bool, bool]]:
     return list(itertools.product(sweep.precisions, sweep.channels_last, sweep.compile))
 
 
-def _group_name(config: Config, t: Mapping[str, Any], point: Tuple, axes: Tuple) -> str:
+def _group_name(config: Config, t: Mapping[str, Any], point: Tuple, axes: Tuple,
+                threads: Optional[int]) -> str:
     """The interleaved group of a latency point in one execution mode (the keys for
     precision and compile added only where they are not the default: names as before)."""
     backbone, _, resolution, batch, mode = point
@@ -701,7 +704,7 @@ def _group_name(config: Config, t: Mapping[str, Any], point: Tuple, axes: Tuple)
     amp = precision != "fp32"
     timing = {k: v for k, v in t.items() if k != "oom_backoff"}  # not a measurement setting
     keys = ([backbone, resolution, batch, mode, config.device, timing, amp, channels_last,
-             config.threads, config.num_classes]
+             threads, config.num_classes]
             + [v for k, v in config.settings.items() if v != SETTING_DEFAULTS[k]])
     if precision != (amp_precision(config.device) if amp else "fp32"):
         keys.append({"precision": precision})
@@ -714,10 +717,12 @@ def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
     """The cells of one sweep: each point and execution mode (:func:`_axes`) for each
     module entry on its backbone."""
     t = sweep.timing
+    threads = sweep.threads if sweep.threads is not None else config.threads
     for point, axes in ((p, a) for p in _points(sweep) for a in _axes(sweep, p[1])):
         backbone, metric, resolution, batch, mode = point
         timed = metric == "latency"  # timing settings apply to latency cells only
-        group = _group_name(config, t, point, axes) if timed and t["interleave"] else None
+        group = (_group_name(config, t, point, axes, threads) if timed and t["interleave"]
+                 else None)
         for entry in config.modules:
             if entry.backbones is not None and backbone not in entry.backbones:
                 continue
@@ -733,7 +738,7 @@ def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
                 budget_s=t.get("budget_s") if timed else None,
                 block_rounds=t.get("block_rounds") if timed else None,
                 amp=axes[0] != "fp32", precision=axes[0], channels_last=axes[1],
-                compile=axes[2], oom_backoff=t.get("oom_backoff", True), threads=config.threads,
+                compile=axes[2], oom_backoff=t.get("oom_backoff", True), threads=threads,
                 num_classes=config.num_classes, timeout_s=t["timeout_s"], group=group,
                 **(config.settings if metric in ("latency", "memory") else {}))
 

@@ -295,7 +295,8 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
             return run.summary
         _start(run, out, allow_env_change)
         local = {"jobs": int(jobs or cfg.jobs)} if backend == "local" else {}
-        _note_oversubscription(local.get("jobs", 1), cfg.threads, out)
+        untimed = [c.threads or os.cpu_count() or 1 for u in todo if not _timed(u) for c in u]
+        _note_oversubscription(local.get("jobs", 1), max(untimed, default=1), out)
         run_units(run, todo, _Measurement(measure, measure_group, tuple(plugins)),
                   timeout=timeout, progress=progress, max_units=max_units,
                   after_unit=after_unit, **local)
@@ -306,13 +307,14 @@ def run_config(config: Union[Config, str, os.PathLike], *, only: Sequence[str] =
     return run.summary
 
 
-def _note_oversubscription(jobs: int, threads: Optional[int], out) -> None:
-    """Say so when ``jobs`` workers of ``threads`` threads each want more cores than the
-    machine has: they then compete (measured on a 2-core VM, jobs 2 x threads 2 took
-    1.5x as long as jobs 1 for FLOP and memory cells)."""
+def _note_oversubscription(jobs: int, threads: int, out) -> None:
+    """Say so when ``jobs`` workers of ``threads`` threads each (the most of any untimed
+    cell) want more cores than the machine has: they then compete (measured on a 2-core
+    VM, jobs 2 x threads 2 took 1.5x as long as jobs 1 for FLOP and memory cells; jobs 2 x
+    threads 1 took 0.64x)."""
     cores = os.cpu_count() or 1
-    if jobs > 1 and jobs * (threads or 1) > cores:
-        print(f"attnbench: note: jobs {jobs} x threads {threads or 1} exceeds the "
+    if jobs > 1 and jobs * threads > cores:
+        print(f"attnbench: note: jobs {jobs} x threads {threads} exceeds the "
               f"{cores} CPUs here; the untimed units will compete for them (the timed "
               f"ones still run alone)", file=out)
 
