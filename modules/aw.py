@@ -89,26 +89,34 @@ from .registry import OptionError, register
 FORMULATIONS = ("auto", "grouped", "loop", "taps", "fused")
 
 
-#: the smallest batch for which ``taps`` is chosen on the CPU
+#: the smallest batch from which the CPU leaves ``loop`` for the shape's formulation
 TAPS_MIN_BATCH = 8
+#: from this many output positions the CPU keeps ``loop`` at any batch (56x56 = 3136)
+LOOP_MIN_HW = 2048
 
 
-def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: str) -> str:
-    """The formulation for a batch of ``n`` (``taps`` = h*w, ``out_hw`` = Ho*Wo).
+def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: str,
+                       stride1: bool = True) -> str:
+    """The formulation for a batch of ``n`` (``taps`` = h*w, ``out_hw`` = Ho*Wo,
+    ``stride1``: stride 1 and groups 1, where ``fused`` applies).
 
-    ``taps`` moves N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w weights,
-    so it moves less where Ho*Wo < C1/g; but it runs h*w small convolutions on shifted
-    copies of the input, and on the CPU at batch 1 that costs more than it saves
-    (``attnbench efficiency``, ResNet-50 224², batch 1, eval, 2 threads: loop 0.842x,
-    grouped 0.836x, taps 0.549x the plain backbone; taps in layers 3-4 only, 0.650x).
-    So: ``taps`` where Ho*Wo < C1/g from batch ``TAPS_MIN_BATCH`` on (on CUDA always);
-    otherwise ``loop`` on the CPU or at batch 1, ``grouped`` on CUDA. The meta device
-    (FLOP counting on shapes) takes the CPU's choice.
+    ``taps``/``fused`` move N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w
+    weights, so they move less where Ho*Wo < C1/g (ResNet layers 3-4). Measured on the
+    CPU (2 threads, ResNet-50 224²; ``attnbench efficiency`` and per-layer timings in
+    the README): at batch 1 ``loop`` is fastest everywhere (loop 0.842x, grouped 0.836x,
+    per-tap convolutions in layers 3-4 0.650x the plain backbone); at batch 8 ``fused``
+    (stride 1) or ``taps`` (stride 2) where Ho*Wo < C1/g, ``loop`` on the 56x56 maps
+    (Ho*Wo >= ``LOOP_MIN_HW``) and ``grouped`` on the 28x28 ones. So on the CPU: ``loop``
+    below batch ``TAPS_MIN_BATCH``; from it on, by shape as above. On CUDA (not measured
+    yet): ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta device (FLOP counting
+    on shapes) takes the CPU's choice.
     """
     cpu = device_type in ("cpu", "meta")
-    if out_hw < c1g and (not cpu or n >= TAPS_MIN_BATCH):
-        return "taps"
-    return "loop" if n == 1 or cpu else "grouped"
+    if cpu and n < TAPS_MIN_BATCH:
+        return "loop"
+    if out_hw < c1g:
+        return "fused" if cpu and stride1 else "taps"
+    return "loop" if cpu and out_hw >= LOOP_MIN_HW else "grouped"
 
 
 _forced: Optional[str] = None
@@ -233,7 +241,8 @@ class AWConv2d(nn.Module):
             return forced
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
         c2, c1g, h, w = self.weight.shape
-        return choose_formulation(x.shape[0], c1g, h * w, ho * wo, x.device.type)
+        return choose_formulation(x.shape[0], c1g, h * w, ho * wo, x.device.type,
+                                  self.stride == (1, 1) and self.groups == 1)
 
     def _out_size(self, hin: int, win: int, padding):
         (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation
@@ -241,62 +250,93 @@ class AWConv2d(nn.Module):
                 (win + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1)
 
     def _taps(self, x: torch.Tensor, a: torch.Tensor, padding) -> torch.Tensor:
-        """O = sum_t (1 + A_t) * conv1x1(shift_t(I), K_t): eq. 5-6 without materialising AK."""
+        """O = sum_t (1 + A_t) * P_t, P_t = K_t times the input shifted to tap t (eq. 5-6
+        without materialising AK): the h*w shifted (strided) views of the padded input
+        gathered into one (h*w*g, C1/g, N*Ho*Wo) tensor, ONE batched GEMM by K's taps
+        (h*w*g, C2/g, C1/g), then the scaled sum over taps."""
         (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
         if padding[0] or padding[1]:
             x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        scale = 1 + a[:, :, 0]  # (N, C2, h, w)
-        out = None
-        for j in range(kh):
-            for k in range(kw):
-                xs = x[:, :, j * dh: j * dh + sh * (ho - 1) + 1: sh,
-                       k * dw: k * dw + sw * (wo - 1) + 1: sw]
-                q = F.conv2d(xs, self.weight[:, :, j:j + 1, k:k + 1], None, 1, 0, 1,
-                             self.groups)
-                s = scale[:, :, j, k, None, None]
-                out = q * s if out is None else out.addcmul_(q, s)
+        n, c1, c2, g = x.shape[0], self.in_channels, self.out_channels, self.groups
+        xt = x.transpose(0, 1)                                     # (C1, N, Hp, Wp), a view
+        cols = torch.stack([xt[:, :, j * dh: j * dh + sh * (ho - 1) + 1: sh,
+                               k * dw: k * dw + sw * (wo - 1) + 1: sw]
+                            for j in range(kh) for k in range(kw)])  # (h*w, C1, N, Ho, Wo)
+        q = torch.bmm(self._tap_weights().view(kh * kw * g, c2 // g, c1 // g),
+                      cols.view(kh * kw * g, c1 // g, n * ho * wo))
+        return self._sum_taps(q.view(kh * kw, c2, n, ho, wo), a)
+
+    def _sum_taps(self, q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """sum_t (1 + A[:, :, t]) * q[t] for q (h*w, C2, N, Ho, Wo); (N, C2, Ho, Wo) out."""
+        taps, c2, n, ho, wo = q.shape
+        scale = (1 + a[:, :, 0]).reshape(n, c2, taps).permute(2, 1, 0)[..., None, None]
+        if torch.is_grad_enabled():
+            out = (q * scale).sum(0).transpose(0, 1)
+        else:  # in place, summed straight into the NCHW output
+            out = q.new_empty(n, c2, ho, wo)
+            torch.sum(q.mul_(scale), 0, out=out.transpose(0, 1))
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return out.contiguous()
 
     def _tap_weights(self) -> torch.Tensor:
-        """K as h*w stacked 1x1 kernels, (h*w*C2, C1, 1, 1), tap-major. A permuted copy of
-        K: kept between inference calls while K is unchanged (same storage and version)."""
+        """K as h*w stacked taps, (h*w*C2, C1/g), tap-major (groups in order within a
+        tap). A permuted copy of K: kept between inference calls while K is unchanged
+        (same storage and version)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cacheable = not torch.is_grad_enabled() and not w.is_inference()
+        key = (w.data_ptr(), w._version, w.dtype, w.device) if cacheable else None
         cached = getattr(self, "_tap_cache", None)
-        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+        if cacheable and cached is not None and cached[0] == key:
             return cached[1]
-        c2, c1, kh, kw = w.shape
-        stacked = w.permute(2, 3, 0, 1).reshape(kh * kw * c2, c1, 1, 1)
-        if not torch.is_grad_enabled():
+        c2, c1g, kh, kw = w.shape
+        stacked = w.permute(2, 3, 0, 1).reshape(kh * kw * c2, c1g)
+        if cacheable:
             self._tap_cache = (key, stacked)
         return stacked
 
     def _fused(self, x: torch.Tensor, a: torch.Tensor, padding) -> torch.Tensor:
-        """``taps`` with ONE 1x1 convolution for all taps (stride 1, groups 1): the
-        padded input times the stacked taps gives every P_t at once, each read back as a
-        shifted view, O = sum_t (1 + A_t) * P_t[shift t]. No shifted input copies and one
-        large GEMM instead of h*w small ones, for (Hp*Wp)/(Ho*Wo) of the multiply-adds
-        (1.31 at 14x14, 1.65 at 7x7 for 3x3)."""
+        """``taps`` with ONE plain GEMM and no shifted copies (stride 1, groups 1): the
+        stacked taps (h*w*C2, C1) times the UNPADDED input (C1, N*H*W) give every tap's
+        partial output at every input position, Z_t; then O[y, x] = sum_t (1 + A_t) *
+        Z_t[y + j*d - p, x + k*d - p] over the positions inside the input (the zero
+        padding adds nothing). The multiply-adds of one dense convolution."""
         (kh, kw), (dh, dw) = self.weight.shape[2:], self.dilation
-        ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
-        if padding[0] or padding[1]:
-            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        n, c1, h, w = x.shape
         c2 = self.out_channels
-        q = F.conv2d(x, self._tap_weights())            # (N, h*w*C2, Hp, Wp)
-        scale = 1 + a[:, :, 0]                            # (N, C2, h, w)
+        ho, wo = self._out_size(h, w, padding)
+        z = torch.mm(self._tap_weights(), x.transpose(0, 1).reshape(c1, n * h * w))
+        z = z.view(kh, kw, c2, n, h, w)
+        scale = (1 + a[:, :, 0]).permute(2, 3, 1, 0)[..., None, None]  # (h, w, C2, N, 1, 1)
         out = None
-        for j in range(kh):
-            for k in range(kw):
-                t = j * kw + k
-                p = q[:, t * c2:(t + 1) * c2, j * dh:j * dh + ho, k * dw:k * dw + wo]
-                s = scale[:, :, j, k, None, None]
-                out = p * s if out is None else out.addcmul_(p, s)
+        for y0, y1, x0, x1, j, k in self._regions(h, w, ho, wo, padding):
+            iy, ix = y0 + j * dh - padding[0], x0 + k * dw - padding[1]
+            part = z[j, k, :, :, iy:iy + y1 - y0, ix:ix + x1 - x0]
+            if out is None:  # a tap that covers the whole output starts the sum
+                out = (part * scale[j, k] if (y1 - y0, x1 - x0) == (ho, wo)
+                       else z.new_zeros(c2, n, ho, wo).addcmul_(part, scale[j, k]))
+            else:
+                out[:, :, y0:y1, x0:x1].addcmul_(part, scale[j, k])
+        if out is None:  # no tap reaches the input: only the bias
+            out = z.new_zeros(c2, n, ho, wo)
+        out = out.transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return out.contiguous()
+
+    def _regions(self, h: int, w: int, ho: int, wo: int, padding):
+        """(y0, y1, x0, x1, j, k): the output rectangle tap (j, k) reaches inside an h x w
+        input at stride 1, the taps that cover the whole output first."""
+        (kh, kw), (dh, dw) = self.weight.shape[2:], self.dilation
+        out = []
+        for j in range(kh):
+            y0, y1 = max(0, padding[0] - j * dh), min(ho, h + padding[0] - j * dh)
+            for k in range(kw):
+                x0, x1 = max(0, padding[1] - k * dw), min(wo, w + padding[1] - k * dw)
+                if y0 < y1 and x0 < x1:
+                    out.append((y0, y1, x0, x1, j, k))
+        return sorted(out, key=lambda r: (r[1] - r[0]) * (r[3] - r[2]) != ho * wo)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The replaced convolution with K itself (used for empty batches)."""

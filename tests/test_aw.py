@@ -183,9 +183,14 @@ def test_formulations_have_equal_gradients(cfg):
 def test_automatic_choice_follows_the_shape():
     from attnbench.modules.aw import choose_formulation, use_formulation
     # ResNet-50 at 224: layer1 (56x56 out, 64 in) and layer4 (7x7 out, 512 in)
+    # (batch 8 on the CPU: layer1 loop, layer2 grouped, layers 3-4 fused, or taps at stride 2)
     assert choose_formulation(8, 64, 9, 56 * 56, "cpu") == "loop"
-    assert choose_formulation(8, 512, 9, 7 * 7, "cpu") == "taps"
+    assert choose_formulation(8, 128, 9, 28 * 28, "cpu") == "grouped"
+    assert choose_formulation(8, 512, 9, 7 * 7, "cpu") == "fused"
+    assert choose_formulation(8, 512, 9, 7 * 7, "cpu", stride1=False) == "taps"
+    assert choose_formulation(16, 256, 9, 14 * 14, "meta") == "fused"
     assert choose_formulation(1, 512, 9, 7 * 7, "cpu") == "loop"    # batch 1: loop (measured)
+    assert choose_formulation(4, 128, 9, 28 * 28, "meta") == "loop"  # FLOPs: the CPU's choice
     assert choose_formulation(1, 512, 9, 7 * 7, "cuda") == "taps"
     assert choose_formulation(8, 64, 9, 56 * 56, "cuda") == "grouped"
     m = make_aw()
