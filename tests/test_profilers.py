@@ -5,6 +5,10 @@ Small models and inputs throughout (resnet18, 32-64 px); the ResNet-50 FLOP chec
 against REFERENCE.md take a few seconds each. No timing assertions beyond sanity.
 """
 import json
+import os
+import platform
+import subprocess
+import sys
 import math
 
 import pytest
@@ -658,3 +662,42 @@ def test_the_forkservers_preload_imports_the_counters_without_warnings():
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+_FAULTS = """
+import resource, sys, torch
+from attnbench.profilers import speed
+kept = speed.keep_freed_memory(torch.device("cpu"))
+def work():   # 100 MB in tensors of 4 MB, freed and made again, as in a model's step
+    a = [torch.ones(1_000_000) for _ in range(25)]
+    del a
+for _ in range(3):
+    work()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    work()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc",
+                    reason="glibc mallopt")
+def test_timing_keeps_freed_memory_so_steps_do_not_fault_pages_in_again():
+    """With the setting a repeated step faults no pages in; with glibc's defaults
+    (``ATTNBENCH_MALLOC=system``) glibc trims the freed 100 MB and every repeat faults
+    them in again (~24k pages)."""
+    def faults(**env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout.split()
+        return out[0] == "True", float(out[1])
+    kept, with_setting = faults()
+    system, without = faults(ATTNBENCH_MALLOC="system")
+    assert kept and not system
+    assert with_setting < 5 and without > 100, (with_setting, without)
+
+
+def test_cpu_latency_method_says_freed_memory_is_kept():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    stats = speed.time_model(m, "eval", batch=1, resolution=16, warmup=0, repeats=2)
+    assert stats.malloc_kept == speed.keep_freed_memory(torch.device("cpu"))
+    assert ("freed memory kept (glibc mallopt)" in stats.method) == stats.malloc_kept
