@@ -45,18 +45,21 @@ Choices the paper leaves open, and what this implementation does:
     convolution, batch folded into channels -- input (1, N*C1, H, W), weight
     (N*C2, C1/g, h, w), groups = N*g.
   - ``loop``: the same AK, one dense convolution per sample.
-  - ``fused`` (stride 1, groups 1; else ``taps``): ``taps`` with one 1x1
-    convolution by all h*w stacked taps on the padded input, each P_t read back as a
-    shifted view (no shifted copies of the input, one GEMM instead of h*w).
   - ``taps``: AK is never materialised. A depends only on (sample, output channel,
-    tap), so O = sum over taps t of (1 + A[:, :, t]) * P_t with P_t the 1x1
-    convolution of the input, shifted to tap t, by K[:, :, t]: the multiply-adds of
-    one dense convolution, plus h*w scaled additions of the output.
+    tap), so O = sum over taps t of (1 + A[:, :, t]) * P_t with P_t the input shifted
+    to tap t times K[:, :, t]: the h*w shifted (strided) views of the padded input are
+    gathered once into (h*w, C1, N*Ho*Wo) and multiplied by K's taps in ONE batched
+    GEMM (the multiply-adds of one dense convolution), then scaled and summed.
+  - ``fused`` (stride 1, groups 1; else ``taps``): ONE GEMM of the stacked taps
+    (h*w*C2, C1) by the unpadded input (C1, N*H*W), no shifted copies; each tap's
+    partial output is added, scaled, to the output rectangle it reaches (what falls
+    on the zero padding is never computed). Same multiply-adds.
 
   They differ in memory traffic: ``grouped``/``loop`` write and read N*C2*(C1/g)*h*w
-  weights, ``taps`` N*C2*Ho*Wo*h*w partial outputs, so ``taps`` wins where the output
-  map is small against the input channels (ResNet layers 3-4) and the others where it
-  is large. Every formulation equals the per-sample float64 reference (tests/test_aw.py).
+  weights, ``taps``/``fused`` N*C2*Ho*Wo*h*w partial outputs, so the latter win where
+  the output map is small against the input channels (ResNet layers 3-4) and the
+  others where it is large. Every formulation equals the per-sample float64 reference
+  in eval and train, with gradients (tests/test_aw.py).
 * **groups > 1** in the replaced conv (not in the paper): supported; A still has
   one h x w map per output channel, broadcast over that channel's C1/g inputs,
   and Pointconv1 sees all C1 input channels.
@@ -69,8 +72,9 @@ Torch ops in :meth:`AWConv2d.forward` (for FLOP counters): ``adaptive_avg_pool2d
 ``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
 ``repeat`` (bias), then (``grouped``) ONE functional ``F.conv2d`` with groups = N*g (per sample the
 FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
-makes h*w 1x1 convs on strided views (together the FLOPs of the original conv) and
-h*w ``mul``/``add`` of the output's size.
+one ``stack`` and one ``bmm``, ``fused`` one ``mm`` (either: the FLOPs of the original
+conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the output's size. FLOPs are counted
+at batch 1 (on the meta device: the CPU's choice, ``loop``).
 """
 from __future__ import annotations
 

@@ -366,6 +366,27 @@ def test_jobs_measure_untimed_units_at_once_and_timed_ones_alone_after(tmp_path,
                for b in timed[i + 1:])
 
 
+def test_a_fresh_parallel_run_still_starts_its_timed_units(tmp_path, cfg):
+    """In a fresh process (no forkserver yet) the parallel phase must not start the
+    forkserver from a pool thread: the server dies with the thread that started it
+    (PR_SET_PDEATHSIG), and the timed units after the pool then failed to start
+    ("EOFError: unexpected EOF")."""
+    cfg.write_text(CONFIG + MEMORY)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from attnbench.matrix.runner import run_config\n"
+              f"s = run_config({str(cfg)!r}, results_dir={str(tmp_path)!r}, run_id='p', "
+              "jobs=2, measure='test_runner:measure_cell', "
+              "measure_group='test_runner:measure_group', progress=False)\n"
+              "print('exit', s.exit_code, s.done, s.cells)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    words = done.stdout.split("exit ")[-1].split()
+    assert words[0] == "0" and words[1] == words[2], done.stdout[-2000:]
+    rows = R.load_rows(tmp_path / "p" / "rows.jsonl")
+    assert {r["metric"] for r in rows} >= {"params", "latency", "speed_ratio"}
+
+
 def test_a_parallel_run_interrupted_resumes_with_every_cell_once(tmp_path, cfg):
     def stop(n):
         if n == 4:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from attnbench import results as R
 from attnbench.matrix.config import Config, ConfigError, expand, load_config, units
 from attnbench.matrix.lock import RunLock
-from attnbench.matrix.worker import MeasureSpec, RunnerError, Worker
+from attnbench.matrix.worker import MeasureSpec, RunnerError, Worker, start_server
 from attnbench.results import Cell, canonical_json
 
 __all__ = ["FAILED_METRIC", "EXIT_FAILED", "EXIT_INTERRUPTED", "RunnerError", "RunSummary",
@@ -474,6 +474,7 @@ def _run_parallel(run: _Run, units_: List[List[Cell]], how: _Measurement,
     """Untimed units, ``jobs`` at once (a thread each waits on its worker process);
     rows are saved here, one unit at a time. Ctrl-C kills the workers in flight."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    start_server(how.measure, how.measure_group)  # from this thread, not a pool's
     live: Dict[int, Worker] = {}
     pool = ThreadPoolExecutor(max_workers=jobs)
     pending: Dict[Any, List[Cell]] = {}

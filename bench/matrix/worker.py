@@ -262,6 +262,18 @@ def _context(*measures: MeasureSpec, start_method: Optional[str] = None):
     return ctx
 
 
+def start_server(*measures: MeasureSpec) -> None:
+    """Start the forkserver from the calling thread, before any worker thread needs it.
+    The server asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``),
+    and on Linux that parent is the *thread* that started it: a server first started
+    from a thread of the parallel runner's pool was killed when the pool's threads
+    ended, and the next worker's start failed with "EOFError: unexpected EOF"."""
+    ctx = _context(*measures)
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
+
+
 def fmt_s(seconds: float) -> str:
     """Seconds as the timeout message writes them (``3``, ``2.5``, ``600``)."""
     return f"{seconds:g}" if seconds < 100 else f"{seconds:.0f}"
