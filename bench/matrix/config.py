@@ -54,6 +54,7 @@ sweep; without ``[[sweeps]]`` the top level is the one sweep::
     batches = [8]
     modes = ["eval", "train"]
     repeats = 10                      # timing keys may be overridden per sweep
+    threads = 1                       # so may threads (e.g. untimed sweeps run jobs at once)
     precision = ["fp32", "bf16"]      # so may precision, channels_last and compile
     channels_last = [false, true]
 
