@@ -60,6 +60,18 @@ def test_split_by_settings_keeps_shared_rows_in_every_part():
     assert "matmul precision highest" in S.settings_line([a])
 
 
+def test_memory_rows_of_another_thread_count_join_the_timed_rows_part():
+    """Memory measured on 1 thread beside timing on 2 (the default matrix) is one part;
+    two latencies on 1 and 2 threads are still two."""
+    lat = _timed("l1", "none", "latency", 10.0, 2)
+    mem = _timed("m1", "none", "peak_tensor_memory", 99.0, 1)
+    parts = S.split_by_settings([lat, mem])
+    assert parts == [("", [lat, mem])]
+    parts = S.split_by_settings([lat, mem, _timed("l2", "none", "latency", 12.0, 1)])
+    assert [name for name, _ in parts] == ["threads 1", "threads 2"]
+    assert all(mem in rows for _, rows in parts)
+
+
 def test_report_never_mixes_settings_and_notes_cells_left_out(tmp_path):
     rows = [_row("p1", "none", "params", 1e6, "count"),
             _timed("l1", "none", "throughput", 111.1, 1),

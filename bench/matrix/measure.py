@@ -293,8 +293,10 @@ def _m_memory(c: Cell, model, base, mode) -> Rows:
     extra = {k: v for k, v in _timing_extra(c).items()
              if k in ("amp", "precision", "channels_last", "compile")}
     extra["batch_used"] = stats.batch
-    extra["threads"] = torch.get_num_threads() if stats.device.startswith("cpu") else None
-    return [ok_row(base, metric, value, unit, method, start_memory_mib=stats.start_mib,
+    threads = extra["threads"] = (torch.get_num_threads() if stats.device.startswith("cpu")
+                                  else None)
+    said = f"; {threads} thread(s)" if threads else ""
+    return [ok_row(base, metric, value, unit, method + said, start_memory_mib=stats.start_mib,
                    **extra) for metric, value, unit, method in stats.metrics()]
 
 

@@ -1,7 +1,8 @@
 """The settings a timed row was measured with, so that a report never mixes them.
 
 A row's settings are its non-null :data:`attnbench.results.ROW_SETTING_COLUMNS` (amp,
-precision, channels_last, compile, threads, cudnn.benchmark, TF32, matmul precision). Rows of one
+precision, channels_last, compile, threads, cudnn.benchmark, TF32, matmul precision; a
+memory row's threads excepted, its method names them). Rows of one
 run and device are split into one part per combination of settings
 (:func:`split_by_settings`); a row that lacks some of them (a parameter count, a FLOP
 count, a failed cell recorded before its settings were known) belongs to every part it
@@ -23,9 +24,19 @@ _SHORT = {"amp": "amp", "precision": "precision", "channels_last": "channels_las
           "matmul_precision": "matmul precision"}
 
 
+#: memory figures: the thread count does not split a report by them (peak tensor memory of
+#: ResNet-50 modules measured 0.0-0.54 % apart between 1 and 2 threads); their method
+#: names the threads they were measured with
+THREAD_FREE_METRICS = ("peak_tensor_memory", "rss_increase", "cuda_max_allocated",
+                       "cuda_max_reserved")
+
+
 def settings_of(row: Dict[str, Any]) -> Settings:
-    """The row's recorded settings, ``((column, value), ...)``."""
-    return tuple((c, _plain(row[c])) for c in ROW_SETTING_COLUMNS if row.get(c) is not None)
+    """The row's recorded settings, ``((column, value), ...)`` (a memory row's without
+    ``threads``: :data:`THREAD_FREE_METRICS`)."""
+    free = ("threads",) if row.get("metric") in THREAD_FREE_METRICS else ()
+    return tuple((c, _plain(row[c])) for c in ROW_SETTING_COLUMNS
+                 if c not in free and row.get(c) is not None)
 
 
 def _plain(value: Any) -> Any:
