@@ -106,14 +106,17 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
 
     ``taps``/``fused`` move N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w
     weights, so they move less where Ho*Wo < C1/g (ResNet layers 3-4). Measured on the
-    CPU (2 threads, ResNet-50 224²; ``attnbench efficiency`` and per-layer timings in
-    the README): at batch 1 ``loop`` is fastest everywhere (loop 0.842x, grouped 0.836x,
-    per-tap convolutions in layers 3-4 0.650x the plain backbone); at batch 8 ``fused``
-    (stride 1) or ``taps`` (stride 2) where Ho*Wo < C1/g, ``loop`` on the 56x56 maps
-    (Ho*Wo >= ``LOOP_MIN_HW``) and ``grouped`` on the 28x28 ones. So on the CPU: ``loop``
-    below batch ``TAPS_MIN_BATCH``; from it on, by shape as above. On CUDA (not measured
-    yet): ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta device (FLOP counting
-    on shapes) takes the CPU's choice.
+    CPU (2 threads, ResNet-50 224²): at batch 1 ``loop`` is fastest everywhere
+    (``attnbench efficiency``: loop 0.842x, grouped 0.836x, per-tap convolutions in
+    layers 3-4 0.650x the plain backbone); at batch 8, per layer (ms, one AW-conv with
+    its branch, median of 15; the dense conv in brackets): 56²: loop 15.9, grouped 22.6
+    [13.7]; 28²: grouped 13.6, loop 16.3, fused 15.2 [11.0]; 14²: fused 14.6, taps 16.6,
+    grouped 16.4 [7.8]; 7²: fused 15.5, taps 16.6, loop 66.5 [9.5]; stride 2 into 7²:
+    taps 16.8, loop 61.8 [10.6]. So on the CPU: ``loop`` below batch ``TAPS_MIN_BATCH``;
+    from it on ``fused`` (stride 1) or ``taps`` where Ho*Wo < C1/g, ``loop`` from
+    ``LOOP_MIN_HW`` output positions, else ``grouped``. On CUDA (not measured yet):
+    ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta device (FLOP counting on
+    shapes) takes the CPU's choice.
     """
     cpu = device_type in ("cpu", "meta")
     if cpu and n < TAPS_MIN_BATCH:
