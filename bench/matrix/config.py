@@ -153,7 +153,7 @@ class Sweep:
     precisions: List[str] = field(default_factory=lambda: ["fp32"])
     channels_last: List[bool] = field(default_factory=lambda: [False])
     compile: List[bool] = field(default_factory=lambda: [False])
-    threads: Optional[int] = None   # torch threads of this sweep's cells (None: the config's)
+    threads: Optional[int] = None   # torch threads of its cells: the sweep's, else the config's
 
 
 @dataclass
@@ -433,6 +433,7 @@ def _sweeps(ck: _Checker, data: Mapping[str, Any], backbones: List[str],
         "batches": data.get("batches", [1]),
         "modes": data.get("modes", ["eval"]),
         "backbones": backbones,
+        "threads": data.get("threads"),
         **_top_axes(ck, data, device),
     }
     sweeps_raw = data.get("sweeps")
@@ -468,7 +469,8 @@ def _sweep(ck: _Checker, s: Mapping[str, Any], key: str, defaults: Mapping[str, 
         precisions=ck.precisions(merged["precision"], k("precision"), device),
         channels_last=ck.bool_list(merged["channels_last"], k("channels_last")),
         compile=ck.bool_list(merged["compile"], k("compile")),
-        threads=ck.int_(s["threads"], k("threads"), 1) if "threads" in s else None,
+        threads=(None if merged["threads"] is None
+                 else ck.int_(merged["threads"], k("threads"), 1)),
     )
 
 
@@ -717,8 +719,7 @@ def _group_name(config: Config, t: Mapping[str, Any], point: Tuple, axes: Tuple,
 def _sweep_cells(config: Config, sweep: Sweep) -> Iterator[Cell]:
     """The cells of one sweep: each point and execution mode (:func:`_axes`) for each
     module entry on its backbone."""
-    t = sweep.timing
-    threads = sweep.threads if sweep.threads is not None else config.threads
+    t, threads = sweep.timing, sweep.threads
     for point, axes in ((p, a) for p in _points(sweep) for a in _axes(sweep, p[1])):
         backbone, metric, resolution, batch, mode = point
         timed = metric == "latency"  # timing settings apply to latency cells only
