@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
+from attnbench.report.tables import MEMORY_METRICS
 from attnbench.results import ROW_SETTING_COLUMNS
 
 Settings = Tuple[Tuple[str, Any], ...]
@@ -24,17 +25,12 @@ _SHORT = {"amp": "amp", "precision": "precision", "channels_last": "channels_las
           "matmul_precision": "matmul precision"}
 
 
-#: memory figures: the thread count does not split a report by them (peak tensor memory of
-#: ResNet-50 modules measured 0.0-0.54 % apart between 1 and 2 threads); their method
-#: names the threads they were measured with
-THREAD_FREE_METRICS = ("peak_tensor_memory", "rss_increase", "cuda_max_allocated",
-                       "cuda_max_reserved")
-
-
 def settings_of(row: Dict[str, Any]) -> Settings:
-    """The row's recorded settings, ``((column, value), ...)`` (a memory row's without
-    ``threads``: :data:`THREAD_FREE_METRICS`)."""
-    free = ("threads",) if row.get("metric") in THREAD_FREE_METRICS else ()
+    """The row's recorded settings, ``((column, value), ...)``. A memory row's
+    (:data:`attnbench.report.tables.MEMORY_METRICS`) leave out ``threads``: the thread
+    count does not split a report by them (peak tensor memory of ResNet-50 modules
+    measured 0.0-0.54 % apart between 1 and 2 threads), and their method names it."""
+    free = ("threads",) if row.get("metric") in MEMORY_METRICS else ()
     return tuple((c, _plain(row[c])) for c in ROW_SETTING_COLUMNS
                  if c not in free and row.get(c) is not None)
 
