@@ -279,10 +279,15 @@ class AWConv2d(nn.Module):
         taps, c2, n, ho, wo = q.shape
         scale = (1 + a[:, :, 0]).reshape(n, c2, taps).permute(2, 1, 0)[..., None, None]
         if torch.is_grad_enabled():
-            out = (q * scale).sum(0).transpose(0, 1)
-        else:  # in place, summed straight into the NCHW output
-            out = q.new_empty(n, c2, ho, wo)
-            torch.sum(q.mul_(scale), 0, out=out.transpose(0, 1))
+            return self._nchw((q * scale).sum(0))
+        out = q.new_empty(n, c2, ho, wo)  # in place, summed straight into the NCHW output
+        torch.sum(q.mul_(scale), 0, out=out.transpose(0, 1))
+        return self._nchw(out.transpose(0, 1))
+
+    def _nchw(self, out: torch.Tensor) -> torch.Tensor:
+        """The (C2, N, Ho, Wo) sum of ``taps``/``fused`` as a contiguous NCHW output, plus
+        the bias."""
+        out = out.transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out.contiguous()
@@ -327,10 +332,7 @@ class AWConv2d(nn.Module):
                 out[:, :, y0:y1, x0:x1].addcmul_(part, scale[j, k])
         if out is None:  # no tap reaches the input: only the bias
             out = z.new_zeros(c2, n, ho, wo)
-        out = out.transpose(0, 1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out.contiguous()
+        return self._nchw(out)
 
     def _regions(self, h: int, w: int, ho: int, wo: int, padding):
         """(y0, y1, x0, x1, j, k): the output rectangle tap (j, k) reaches inside an h x w
