@@ -50,10 +50,12 @@ Choices the paper leaves open, and what this implementation does:
     to tap t times K[:, :, t]: the h*w shifted (strided) views of the padded input are
     gathered once into (h*w, C1, N*Ho*Wo) and multiplied by K's taps in ONE batched
     GEMM (the multiply-adds of one dense convolution), then scaled and summed.
-  - ``fused`` (stride 1, groups 1; else ``taps``): ONE GEMM of the stacked taps
-    (h*w*C2, C1) by the unpadded input (C1, N*H*W), no shifted copies; each tap's
-    partial output is added, scaled, to the output rectangle it reaches (what falls
-    on the zero padding is never computed). Same multiply-adds.
+  - ``fused`` (groups 1; else ``taps``): at stride 1 ONE GEMM of the stacked taps
+    (h*w*C2, C1) by the unpadded input (C1, N*H*W), no shifted copies; at stride s the
+    input's s*s phases (rows a, a + s, ...; columns b, b + s, ...) each go through one
+    GEMM with the taps that read that phase. Each tap's partial output is added,
+    scaled, to the output rectangle it reaches (what falls on the zero padding is
+    never computed). Same multiply-adds.
 
   They differ in memory traffic: ``grouped``/``loop`` write and read N*C2*(C1/g)*h*w
   weights, ``taps``/``fused`` N*C2*Ho*Wo*h*w partial outputs, so the latter win where
@@ -72,14 +74,14 @@ Torch ops in :meth:`AWConv2d.forward` (for FLOP counters): ``adaptive_avg_pool2d
 ``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
 ``repeat`` (bias), then (``grouped``) ONE functional ``F.conv2d`` with groups = N*g (per sample the
 FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
-one ``stack`` and one ``bmm``, ``fused`` one ``mm`` (either: the FLOPs of the original
+one ``stack`` and one ``bmm``, ``fused`` one ``mm`` per phase (either: the FLOPs of the original
 conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the output's size. FLOPs are counted
 at batch 1 (on the meta device: the CPU's choice, ``loop``).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,35 +97,32 @@ FORMULATIONS = ("auto", "grouped", "loop", "taps", "fused")
 
 #: the smallest batch from which the CPU leaves ``loop`` for the shape's formulation
 TAPS_MIN_BATCH = 8
-#: from this many output positions the CPU keeps ``loop`` at any batch (56x56 = 3136)
-LOOP_MIN_HW = 2048
 
 
 def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: str,
-                       stride1: bool = True) -> str:
+                       dense: bool = True) -> str:
     """The formulation for a batch of ``n`` (``taps`` = h*w, ``out_hw`` = Ho*Wo,
-    ``stride1``: stride 1 and groups 1, where ``fused`` applies).
+    ``dense``: groups 1, where ``fused`` applies).
 
     ``taps``/``fused`` move N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w
     weights, so they move less where Ho*Wo < C1/g (ResNet layers 3-4). Measured on the
-    CPU (2 threads, ResNet-50 224²): at batch 1 ``loop`` is fastest everywhere
-    (``attnbench efficiency``: loop 0.842x, grouped 0.836x, per-tap convolutions in
-    layers 3-4 0.650x the plain backbone); at batch 8, per layer (ms, one AW-conv with
-    its branch, median of 15; the dense conv in brackets): 56²: loop 15.9, grouped 22.6
-    [13.7]; 28²: grouped 13.6, loop 16.3, fused 15.2 [11.0]; 14²: fused 14.6, taps 16.6,
-    grouped 16.4 [7.8]; 7²: fused 15.5, taps 16.6, loop 66.5 [9.5]; stride 2 into 7²:
-    taps 16.8, loop 61.8 [10.6]. So on the CPU: ``loop`` below batch ``TAPS_MIN_BATCH``;
-    from it on ``fused`` (stride 1) or ``taps`` where Ho*Wo < C1/g, ``loop`` from
-    ``LOOP_MIN_HW`` output positions, else ``grouped``. On CUDA (not measured yet):
-    ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta device (FLOP counting on
-    shapes) takes the CPU's choice.
+    CPU (2 threads, ResNet-50 224², freed memory kept as in every timing here): at batch
+    1 ``loop`` is fastest everywhere (``attnbench efficiency``: loop 0.842x, grouped
+    0.836x, per-tap convolutions in layers 3-4 0.650x the plain backbone); at batch 8 see
+    ``attnbench efficiency --layers`` (each AW-conv shape of the backbone, every
+    formulation's paired ratio to the dense conv): ``grouped`` is fastest where
+    Ho*Wo >= C1/g (layers 1-2, including 56² maps), ``fused`` where Ho*Wo < C1/g (layers
+    3-4, stride 1 and 2). So on the CPU: ``loop`` below batch ``TAPS_MIN_BATCH``; from
+    it on ``fused`` (``taps`` if groups > 1) where Ho*Wo < C1/g, else ``grouped``. On
+    CUDA (not measured yet): ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta
+    device (FLOP counting on shapes) takes the CPU's choice.
     """
     cpu = device_type in ("cpu", "meta")
     if cpu and n < TAPS_MIN_BATCH:
         return "loop"
     if out_hw < c1g:
-        return "fused" if cpu and stride1 else "taps"
-    return "loop" if cpu and out_hw >= LOOP_MIN_HW else "grouped"
+        return "fused" if cpu and dense else "taps"
+    return "grouped"
 
 
 _forced: Optional[str] = None
@@ -225,9 +224,9 @@ class AWConv2d(nn.Module):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
         how = self.formulation_for(x, padding)
-        if how == "fused" and self.stride == (1, 1) and self.groups == 1:
+        if how == "fused" and self.groups == 1:
             return self._fused(x, a, padding)
-        if how in ("taps", "fused"):  # fused needs stride 1 and groups 1
+        if how in ("taps", "fused"):  # fused needs groups 1
             return self._taps(x, a, padding)
         # F2 (eq. 6): AK = K + A (.) K = K * (1 + A), shape (N, C2, C1/g, h, w)
         ak = self.weight * (1 + a)
@@ -249,7 +248,7 @@ class AWConv2d(nn.Module):
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
         c2, c1g, h, w = self.weight.shape
         return choose_formulation(x.shape[0], c1g, h * w, ho * wo, x.device.type,
-                                  self.stride == (1, 1) and self.groups == 1)
+                                  self.groups == 1)
 
     def _out_size(self, hin: int, win: int, padding):
         (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation
@@ -292,60 +291,79 @@ class AWConv2d(nn.Module):
             out = out + self.bias.view(1, -1, 1, 1)
         return out.contiguous()
 
-    def _tap_weights(self) -> torch.Tensor:
+    def _tap_weights(self, order: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         """K as h*w stacked taps, (h*w*C2, C1/g), tap-major (groups in order within a
-        tap). A permuted copy of K: kept between inference calls while K is unchanged
-        (same storage and version)."""
+        tap), the taps in row-major order or in ``order`` (indices j*w + k). A permuted
+        copy of K: kept between inference calls while K is unchanged (same storage and
+        version)."""
         w = self.weight
         cacheable = not torch.is_grad_enabled() and not w.is_inference()
-        key = (w.data_ptr(), w._version, w.dtype, w.device) if cacheable else None
+        key = (w.data_ptr(), w._version, w.dtype, w.device, order) if cacheable else None
         cached = getattr(self, "_tap_cache", None)
         if cacheable and cached is not None and cached[0] == key:
             return cached[1]
         c2, c1g, kh, kw = w.shape
-        stacked = w.permute(2, 3, 0, 1).reshape(kh * kw * c2, c1g)
+        stacked = w.permute(2, 3, 0, 1).reshape(kh * kw, c2 * c1g)
+        if order is not None and list(order) != list(range(kh * kw)):
+            stacked = stacked[list(order)]
+        stacked = stacked.reshape(kh * kw * c2, c1g)
         if cacheable:
             self._tap_cache = (key, stacked)
         return stacked
 
-    def _fused(self, x: torch.Tensor, a: torch.Tensor, padding) -> torch.Tensor:
-        """``taps`` with ONE plain GEMM and no shifted copies (stride 1, groups 1): the
-        stacked taps (h*w*C2, C1) times the UNPADDED input (C1, N*H*W) give every tap's
-        partial output at every input position, Z_t; then O[y, x] = sum_t (1 + A_t) *
-        Z_t[y + j*d - p, x + k*d - p] over the positions inside the input (the zero
-        padding adds nothing). The multiply-adds of one dense convolution."""
-        (kh, kw), (dh, dw) = self.weight.shape[2:], self.dilation
-        n, c1, h, w = x.shape
-        c2 = self.out_channels
-        ho, wo = self._out_size(h, w, padding)
-        z = torch.mm(self._tap_weights(), x.transpose(0, 1).reshape(c1, n * h * w))
-        z = z.view(kh, kw, c2, n, h, w)
-        scale = (1 + a[:, :, 0]).permute(2, 3, 1, 0)[..., None, None]  # (h, w, C2, N, 1, 1)
-        out = None
-        for y0, y1, x0, x1, j, k in self._regions(h, w, ho, wo, padding):
-            iy, ix = y0 + j * dh - padding[0], x0 + k * dw - padding[1]
-            part = z[j, k, :, :, iy:iy + y1 - y0, ix:ix + x1 - x0]
-            if out is None:  # a tap that covers the whole output starts the sum
-                out = (part * scale[j, k] if (y1 - y0, x1 - x0) == (ho, wo)
-                       else z.new_zeros(c2, n, ho, wo).addcmul_(part, scale[j, k]))
-            else:
-                out[:, :, y0:y1, x0:x1].addcmul_(part, scale[j, k])
-        if out is None:  # no tap reaches the input: only the bias
-            out = z.new_zeros(c2, n, ho, wo)
-        return self._nchw(out)
-
-    def _regions(self, h: int, w: int, ho: int, wo: int, padding):
-        """(y0, y1, x0, x1, j, k): the output rectangle tap (j, k) reaches inside an h x w
-        input at stride 1, the taps that cover the whole output first."""
-        (kh, kw), (dh, dw) = self.weight.shape[2:], self.dilation
-        out = []
+    def _phases(self, padding):
+        """The taps grouped by the input phase they read, for ``fused``: [(a, b, [(j, k,
+        dy, dx), ...])]. At stride s, tap (j, k) reads input row s*y + j*d - p =
+        s*(y + dy) + a, i.e. row y + dy of phase a (input rows a, a + s, ...), and likewise
+        for columns; at stride 1 there is one phase, the input, with dy = j*d - p."""
+        (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation
+        phases: dict = {}
         for j in range(kh):
-            y0, y1 = max(0, padding[0] - j * dh), min(ho, h + padding[0] - j * dh)
+            a, dy = (j * dh - padding[0]) % sh, (j * dh - padding[0]) // sh
             for k in range(kw):
-                x0, x1 = max(0, padding[1] - k * dw), min(wo, w + padding[1] - k * dw)
-                if y0 < y1 and x0 < x1:
-                    out.append((y0, y1, x0, x1, j, k))
-        return sorted(out, key=lambda r: (r[1] - r[0]) * (r[3] - r[2]) != ho * wo)
+                b, dx = (k * dw - padding[1]) % sw, (k * dw - padding[1]) // sw
+                phases.setdefault((a, b), []).append((j, k, dy, dx))
+        return [(a, b, taps) for (a, b), taps in sorted(phases.items())]
+
+    def _fused(self, x: torch.Tensor, a: torch.Tensor, padding) -> torch.Tensor:
+        """``taps`` with one plain GEMM per input phase and no shifted copies (groups 1):
+        at stride s the input splits into s*s phases (rows a, a + s, ...; columns b, b + s,
+        ...), each tap reads one of them, shifted (:meth:`_phases`; at stride 1 the phase
+        is the input itself). Per phase, its stacked taps (T*C2, C1) times the phase
+        (C1, N*Ha*Wb) give each tap's partial output Z_t at every phase position; then
+        O[y, x] = sum_t (1 + A_t) * Z_t[y + dy, x + dx] over the positions inside the phase
+        (what falls on the zero padding is never computed). The multiply-adds of one dense
+        convolution; the phases together copy the input once (none at stride 1)."""
+        n, c1 = x.shape[:2]
+        c2, (sh, sw) = self.out_channels, self.stride
+        ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
+        phases = self._phases(padding)
+        kw = self.weight.shape[3]
+        weights = self._tap_weights(tuple(j * kw + k for _, _, taps in phases
+                                          for j, k, _, _ in taps))
+        xt = x.transpose(0, 1)                                        # (C1, N, H, W), a view
+        parts, row = [], 0
+        for pa, pb, taps in phases:
+            xp = xt[:, :, pa::sh, pb::sw]
+            hp, wp = xp.shape[2:]
+            z = torch.mm(weights[row * c2:(row + len(taps)) * c2], xp.reshape(c1, -1))
+            z = z.view(len(taps), c2, n, hp, wp)
+            row += len(taps)
+            for t, (j, k, dy, dx) in enumerate(taps):
+                y0, y1, x0, x1 = max(0, -dy), min(ho, hp - dy), max(0, -dx), min(wo, wp - dx)
+                if y0 < y1 and x0 < x1:  # else the tap reads only zero padding
+                    parts.append(((y0, y1, x0, x1), j, k,
+                                  z[t, :, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]))
+        scale = (1 + a[:, :, 0]).permute(2, 3, 1, 0)[..., None, None]  # (h, w, C2, N, 1, 1)
+        parts.sort(key=lambda p: p[0] != (0, ho, 0, wo))  # a tap covering all of O first
+        if parts and parts[0][0] == (0, ho, 0, wo):
+            (_, j, k, part), parts = parts[0], parts[1:]
+            out = part * scale[j, k]
+        else:  # no tap covers the whole output (or none reaches the input: bias only)
+            out = x.new_zeros(c2, n, ho, wo)
+        for (y0, y1, x0, x1), j, k, part in parts:
+            out[:, :, y0:y1, x0:x1].addcmul_(part, scale[j, k])
+        return self._nchw(out)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The replaced convolution with K itself (used for empty batches)."""

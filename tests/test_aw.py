@@ -183,11 +183,12 @@ def test_formulations_have_equal_gradients(cfg):
 def test_automatic_choice_follows_the_shape():
     from attnbench.modules.aw import choose_formulation, use_formulation
     # ResNet-50 at 224: layer1 (56x56 out, 64 in) and layer4 (7x7 out, 512 in)
-    # (batch 8 on the CPU: layer1 loop, layer2 grouped, layers 3-4 fused, or taps at stride 2)
-    assert choose_formulation(8, 64, 9, 56 * 56, "cpu") == "loop"
+    # (batch 8 on the CPU: layers 1-2 grouped, layers 3-4 fused, or taps with groups > 1)
+    assert choose_formulation(8, 64, 9, 56 * 56, "cpu") == "grouped"
     assert choose_formulation(8, 128, 9, 28 * 28, "cpu") == "grouped"
     assert choose_formulation(8, 512, 9, 7 * 7, "cpu") == "fused"
-    assert choose_formulation(8, 512, 9, 7 * 7, "cpu", stride1=False) == "taps"
+    assert choose_formulation(8, 512, 9, 14 * 14 // 4, "cpu") == "fused"  # stride 2 too
+    assert choose_formulation(8, 512, 9, 7 * 7, "cpu", dense=False) == "taps"
     assert choose_formulation(16, 256, 9, 14 * 14, "meta") == "fused"
     assert choose_formulation(1, 512, 9, 7 * 7, "cpu") == "loop"    # batch 1: loop (measured)
     assert choose_formulation(4, 128, 9, 28 * 28, "meta") == "loop"  # FLOPs: the CPU's choice
@@ -335,3 +336,33 @@ def test_fused_taps_cache_follows_the_weight():
         m.formulation = "fused"
         torch.testing.assert_close(m(x), ref, atol=1e-10, rtol=0)
         assert m._tap_cache[1] is not stacked
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, stride=2, padding=1, dilation=2),
+    dict(kernel_size=3, stride=3, padding=1),
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
+    dict(kernel_size=3, stride=2, padding=0),
+    dict(kernel_size=5, stride=2, padding=2, bias=True),
+    dict(kernel_size=1, stride=2, padding=0),
+])
+def test_fused_phases_match_the_reference_at_any_stride(conv):
+    """``fused`` splits a strided input into phases (one GEMM each): equal to the
+    per-sample float64 reference, output and gradients, for strides, dilations,
+    paddings and kernels beyond ResNet's 3x3."""
+    torch.manual_seed(0)
+    m = AWConv2d(nn.Conv2d(16, 24, bias=conv.pop("bias", False), **conv), reduction=4).double()
+    x = torch.randn(3, 16, 11, 10, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for form in ("fused", "loop"):
+        m.formulation = form
+        m.zero_grad()
+        x.grad = None
+        out = m(x)
+        out.pow(2).sum().backward()
+        grads[form] = [out.detach(), x.grad] + [p.grad for p in m.parameters()]
+    with torch.no_grad():
+        ref = loop_forward(m, x, m.attention_maps(x).expand(-1, -1, 16, -1, -1))
+    torch.testing.assert_close(grads["fused"][0], ref, atol=1e-10, rtol=0)
+    for a, b in zip(grads["fused"], grads["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
