@@ -100,9 +100,9 @@ TAPS_MIN_BATCH = 8
 
 
 def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: str,
-                       dense: bool = True) -> str:
+                       dense: bool = True, grad: bool = False) -> str:
     """The formulation for a batch of ``n`` (``taps`` = h*w, ``out_hw`` = Ho*Wo,
-    ``dense``: groups 1, where ``fused`` applies).
+    ``dense``: groups 1, where ``fused`` applies; ``grad``: autograd records the call).
 
     ``taps``/``fused`` move N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w
     weights, so they move less where Ho*Wo < C1/g (ResNet layers 3-4). Measured on the
@@ -111,9 +111,12 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
     0.836x, per-tap convolutions in layers 3-4 0.650x the plain backbone); at batch 8 see
     ``attnbench efficiency --layers`` (each AW-conv shape of the backbone, every
     formulation's paired ratio to the dense conv): ``grouped`` is fastest where
-    Ho*Wo >= C1/g (layers 1-2, including 56² maps), ``fused`` where Ho*Wo < C1/g (layers
-    3-4, stride 1 and 2). So on the CPU: ``loop`` below batch ``TAPS_MIN_BATCH``; from
-    it on ``fused`` (``taps`` if groups > 1) where Ho*Wo < C1/g, else ``grouped``. On
+    Ho*Wo >= C1/g (layers 1-2, including 56² maps; eval 0.72-0.80x the dense conv, train
+    0.76-0.78x), ``fused`` where Ho*Wo < C1/g in eval (layers 3-4, stride 1 and 2:
+    0.61-0.74x) but ``taps`` there in training (0.60-0.71x against fused's 0.35-0.50x:
+    fused's in-place adds into output slices cost autograd a copy each). So on the CPU:
+    ``loop`` below batch ``TAPS_MIN_BATCH``; from it on, where Ho*Wo < C1/g, ``fused``
+    without autograd (``taps`` if groups > 1) and ``taps`` with it, else ``grouped``. On
     CUDA (not measured yet): ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta
     device (FLOP counting on shapes) takes the CPU's choice.
     """
@@ -121,7 +124,7 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
     if cpu and n < TAPS_MIN_BATCH:
         return "loop"
     if out_hw < c1g:
-        return "fused" if cpu and dense else "taps"
+        return "fused" if cpu and dense and not grad else "taps"
     return "grouped"
 
 
@@ -248,7 +251,7 @@ class AWConv2d(nn.Module):
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
         c2, c1g, h, w = self.weight.shape
         return choose_formulation(x.shape[0], c1g, h * w, ho * wo, x.device.type,
-                                  self.groups == 1)
+                                  self.groups == 1, torch.is_grad_enabled())
 
     def _out_size(self, hin: int, win: int, padding):
         (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.stride, self.dilation

@@ -189,6 +189,8 @@ def test_automatic_choice_follows_the_shape():
     assert choose_formulation(8, 512, 9, 7 * 7, "cpu") == "fused"
     assert choose_formulation(8, 512, 9, 14 * 14 // 4, "cpu") == "fused"  # stride 2 too
     assert choose_formulation(8, 512, 9, 7 * 7, "cpu", dense=False) == "taps"
+    assert choose_formulation(8, 512, 9, 7 * 7, "cpu", grad=True) == "taps"  # training
+    assert choose_formulation(8, 128, 9, 28 * 28, "cpu", grad=True) == "grouped"
     assert choose_formulation(16, 256, 9, 14 * 14, "meta") == "fused"
     assert choose_formulation(1, 512, 9, 7 * 7, "cpu") == "loop"    # batch 1: loop (measured)
     assert choose_formulation(4, 128, 9, 28 * 28, "meta") == "loop"  # FLOPs: the CPU's choice

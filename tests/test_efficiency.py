@@ -33,3 +33,33 @@ def test_efficiency_command_prints_ratios_intervals_and_the_control(capsys):
     assert 0.9 < limit < 1.0 and not math.isnan(limit)
     assert "[" in se[3] and "]" in se[3]                   # median [lo, hi]
     assert "time budget (6 rounds, 2 blocks)" in out
+
+
+def test_aw_layer_shapes_are_the_networks_distinct_aw_convs():
+    """ResNet-18 at 64²: 16 AW-convs (both 3x3 convs of 8 BasicBlocks) in 7 shapes."""
+    shapes = E.aw_layer_shapes("resnet18", 64)
+    assert sum(count for _, count in shapes) == 16
+    keys = [(shape, aw.stride[0]) for (shape, aw), _ in shapes]
+    assert keys[0] == ((64, 16, 16), 1) and ((64, 16, 16), 2) in keys
+    assert ((256, 4, 4), 1) in keys and len(keys) == len(set(keys)) == 7
+
+
+def test_layers_command_times_every_formulation_against_the_dense_conv(capsys):
+    rc = main(["efficiency", "--layers", "--backbone", "resnet18", "--resolution", "32",
+               "--batches", "2", "--modes", "eval", "--min-rounds", "4", "--budget-s", "0.001",
+               "--threads", "1", "--block-rounds", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("| 64x8x8 s1 b2 eval")]
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert cells[1] == "4" and float(cells[2]) > 0  # layer1: 2 BasicBlocks x 2 convs; ms
+    assert sum(c.endswith("*") for c in cells[3:]) == 1     # the automatic choice (loop)
+    assert cells[4].endswith("*") and all("[" in c for c in cells[3:])
+    assert "4 rounds x 5 models" in out
+
+
+def test_layers_refuses_module_selection(capsys):
+    assert main(["efficiency", "--layers", "--only", "se"]) == 2
+    err = capsys.readouterr().err
+    assert "--layers times AW's formulations alone" in err and "Traceback" not in err

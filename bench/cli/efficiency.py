@@ -32,6 +32,9 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--min-rounds", type=POSITIVE_INT, default=10)
     p.add_argument("--max-rounds", type=POSITIVE_INT, default=400)
     p.add_argument("--budget-s", type=POSITIVE_FLOAT, default=120.0, help="seconds per group")
+    p.add_argument("--layers", action="store_true",
+                   help="instead of whole models: every AW-conv shape of the backbone, each "
+                        "exact formulation's paired ratio to the dense conv it replaces")
     p.add_argument("--block-rounds", type=POSITIVE_INT, default=10,
                    help="rounds per block; every model is re-instantiated between blocks "
                         "and the interval is taken over blocks (10)")
@@ -73,6 +76,12 @@ def run(args) -> int:
                    threads=args.threads, min_rounds=args.min_rounds,
                    ci_target=args.ci_target, max_rounds=args.max_rounds,
                    budget_s=args.budget_s, block_rounds=args.block_rounds)
+    say = lambda t: print(t, file=sys.stderr, flush=True)  # noqa: E731
+    if args.layers:
+        if args.only or args.module:
+            raise OptionError("--layers times AW's formulations alone: drop --only/--module")
+        print(_layer_table(s, E.aw_layer_rows(s, progress=say)))
+        return 0
     modules = [m for m in E.default_modules() if not args.only or m[0] in args.only]
     unknown = sorted(set(args.only) - {m[0] for m in E.default_modules()})
     if unknown:
@@ -80,7 +89,7 @@ def run(args) -> int:
                           f"({', '.join(dict.fromkeys(m[0] for m in E.default_modules()))})")
     modules += [_extra(t) for t in args.module]
     limits = E.flops_limits(E.flops_rows(s, modules))
-    rows = E.ratio_rows(s, modules, progress=lambda t: print(t, file=sys.stderr, flush=True))
+    rows = E.ratio_rows(s, modules, progress=say)
     print(_table(s, rows, limits))
     return 0
 
@@ -122,3 +131,29 @@ def _ratio_text(r) -> str:
     if lo is not None and hi is not None:
         text += f" [{lo:.3f}, {hi:.3f}]"
     return text + (" ≈" if r.get("distinct") is False else "")
+
+
+def _layer_table(s, rows: List[Dict[str, Any]]) -> str:
+    """``--layers``: one line per AW-conv shape x batch x mode; * marks the automatic
+    choice, the best estimate is in bold."""
+    from tabulate import tabulate
+    from attnbench.modules.aw import FORMULATIONS
+    forms = FORMULATIONS[1:]
+    table = []
+    for r in rows:
+        best = max((f for f in forms if f in r["ratio"]), key=lambda f: r["ratio"][f].estimate,
+                   default=None)
+        cells = []
+        for f in forms:
+            iv = r["ratio"].get(f)
+            text = "failed" if iv is None else f"{iv.estimate:.3f} [{iv.lo:.3f}, {iv.hi:.3f}]"
+            text = f"**{text}**" if f == best else text
+            cells.append(text + (" *" if f == r["auto"] else ""))
+        table.append([r["layer"], r["count"], f"{r['median_ms']['dense conv']:.2f}"] + cells)
+    head = (f"AW-{s.backbone} at {s.resolution}², device {s.device}: each AW-conv shape "
+            f"(C1 x H x W of its input, stride), paired ratio dense conv time / formulation time "
+            f"[95 % CI] over blocks of {s.block_rounds} interleaved rounds (fresh instances "
+            f"each block); * = the automatic choice, bold = the best estimate\n"
+            f"methods: {'; '.join(sorted({r['method'] for r in rows}))}")
+    return head + "\n" + tabulate(table, ["layer", "count", "dense conv ms"] + list(forms),
+                                   tablefmt="github")

@@ -12,8 +12,12 @@ for the interleaved ratios with their 95 % intervals and the A/A control,
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
 
 from attnbench.matrix import measure
 from attnbench.matrix.config import load_config
@@ -89,3 +93,79 @@ def flops_limits(rows: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[float, float
           and str(r["method"]).startswith("fvcore")}
     plain = fv.get("none")
     return {k: (v, plain / v if plain and v else float("nan")) for k, v in fv.items()}
+
+
+# --------------------------------------------------------------- AW per layer shape
+
+class LayerProbe(nn.Module):
+    """One convolution on a fixed feature map (a buffer), for timing a layer alone in
+    the suite's :class:`~attnbench.profilers.speed.Step`: it ignores the image the step
+    feeds it and returns the output's channel means, so a training step's loss and
+    gradients reach the layer and nothing else costs time."""
+
+    def __init__(self, layer: nn.Module, feature: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("feature", feature)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.feature).mean((2, 3))
+
+
+def aw_layer_shapes(backbone: str, resolution: int) -> List[Tuple[Any, int]]:
+    """The distinct AW-convolutions of AW-``backbone`` at ``resolution``:
+    [(((C1, H, W), the AWConv2d), how many the network has)], in network order."""
+    from attnbench.modules.aw import AWConv2d
+    from attnbench.modules.builder import build_model
+    model = build_model(backbone, "aw").eval()
+    seen: Dict[Any, List[Any]] = {}
+
+    def hook(module, args):
+        key = (tuple(args[0].shape[1:]), tuple(module.weight.shape), module.stride,
+               module.padding, module.dilation, module.groups)
+        seen.setdefault(key, [module, 0])[1] += 1
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, AWConv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution))
+    for h in handles:
+        h.remove()
+    return [((key[0], m), count) for key, (m, count) in seen.items()]
+
+
+def aw_layer_rows(s: Settings, progress=None) -> List[Dict[str, Any]]:
+    """Every AW-conv shape of the backbone, each batch x mode: the dense convolution it
+    replaces and every exact formulation, timed in interleaved rounds through the
+    suite's timer (:func:`~attnbench.profilers.speed.time_interleaved`, blocks with fresh
+    instances); ratio = dense conv time / formulation time, per round."""
+    from attnbench.modules.aw import FORMULATIONS
+    from attnbench.profilers.speed import time_interleaved
+    rows = []
+    for (shape, aw), count in aw_layer_shapes(s.backbone, s.resolution):
+        for batch in s.batches:
+            feature = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+            dense = nn.Conv2d(aw.in_channels, aw.out_channels, aw.kernel_size, aw.stride,
+                              aw.padding, aw.dilation, aw.groups, aw.bias is not None)
+            models = {"dense conv": LayerProbe(dense, feature)}
+            for form in FORMULATIONS[1:]:
+                layer = copy.deepcopy(aw)
+                layer.formulation = form
+                models[form] = LayerProbe(layer, feature)
+            for mode in s.modes:
+                with torch.set_grad_enabled(mode == "train"):  # the choice depends on it
+                    auto = aw.formulation_for(feature.to(s.device), aw.padding)
+                name = f"{shape[0]}x{shape[1]}x{shape[2]} s{aw.stride[0]} b{batch} {mode}"
+                if progress:
+                    progress(f"timing AW layer {name} (x{count}): dense conv and "
+                             f"{', '.join(FORMULATIONS[1:])}")
+                res = time_interleaved(models, mode, batch, 8, s.device, s.warmup,
+                                       s.min_rounds, threads=s.threads, baseline="dense conv",
+                                       ci_target=s.ci_target, max_rounds=s.max_rounds,
+                                       budget_s=s.budget_s, block_rounds=s.block_rounds)
+                rows.append({"layer": name, "count": count, "auto": auto, "mode": mode,
+                             "batch": batch, "stop": res.stop, "rounds": len(res.orders),
+                             "method": res.method,
+                             "median_ms": {k: v.median_ms for k, v in res.stats.items()},
+                             "ratio": {k: r.interval for k, r in res.ratios.items() if r},
+                             "errors": {k: str(e) for k, e in res.errors.items()}})
+    return rows
