@@ -8,11 +8,18 @@ ResNet at 224^2: 56, 28, 14, 7 for stages 1..4. Like the authors, a feature map 
 another size (any test resolution other than 224^2) is adaptively average-pooled to
 the DCT size first. The filters are a buffer (not learned), so FCA-ResNet-50 has
 SE's 28,071,976 parameters.
+
+Pooling then weighting is one linear map of the input, so on another map size the
+filters are pulled back through the pooling once per size (:func:`pulled_back`, the
+pool's transpose applied to them) and the gate weights the map directly: the authors'
+result up to rounding, without the ``adaptive_avg_pool2d`` that took most of the
+gate's time (batch 1, a 256 x 42² map pooled to 56²: 6.0 of 7.1 ms, against 0.8 ms
+for the whole gate at 56²).
 """
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import bottleneck_mlp, check_4d, reduced
@@ -44,6 +51,27 @@ def dct_filters(channels: int, size: int, n_freq: int = 16) -> torch.Tensor:
     return filt
 
 
+def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in): ``adaptive_avg_pool1d`` as a matrix (window i spans
+    floor(i*n_in/n_out) to ceil((i+1)*n_in/n_out), PyTorch's definition)."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def pulled_back(filters: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(C, h, w) filters F' with sum(x * F') = sum(adaptive_avg_pool2d(x, (s, s)) * F)
+    for (C, s, s) filters F and any h x w map x: F' = P_h^T F P_w, the pool being
+    separable (P: :func:`pool_matrix`). Computed in float64 with NumPy, so FLOP counters
+    see only the forward's own ops (this is a constant of the map size, not work per
+    input)."""
+    ph, pw = pool_matrix(h, filters.shape[-2]), pool_matrix(w, filters.shape[-1])
+    f = filters.detach().cpu().double().numpy()
+    return torch.from_numpy(np.einsum("ih,cij,jw->chw", ph, f, pw))
+
+
 @register("fca", "gate", defaults={"reduction": 16, "n_freq": 16, "dct_size": 0},
           paper="Qin et al., FcaNet: Frequency Channel Attention Networks, ICCV 2021 "
                 "(eq. 6-8, top-16)",
@@ -66,8 +94,24 @@ class FCAGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d(x, "fca")
-        pooled = x
-        if x.shape[-2:] != (self.dct_size, self.dct_size):
-            pooled = F.adaptive_avg_pool2d(x, self.dct_size)
-        y = (pooled * self.dct).sum((2, 3), keepdim=True)
+        y = (x * self.filters_for(x)).sum((2, 3), keepdim=True)
         return x * torch.sigmoid(self.fc(y))
+
+    def filters_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The DCT filters for ``x``'s map size: the buffer itself at the DCT size, else
+        :func:`pulled_back` (pooling to the DCT size, then the filters), kept while the
+        size, dtype, device and buffer stay the same (not under ``inference_mode``, whose
+        tensors could not serve a later training step)."""
+        h, w = x.shape[-2:]
+        if (h, w) == tuple(self.dct.shape[-2:]):
+            return self.dct
+        key = (h, w, x.dtype, x.device, self.dct.data_ptr(), self.dct._version)
+        cached = self.__dict__.get("_pulled")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self.dct.is_meta:  # shapes only (FLOP counting on a meta copy)
+            return self.dct.new_empty(self.dct.shape[0], h, w)
+        filters = pulled_back(self.dct, h, w).to(x.device, x.dtype)
+        if not torch.is_inference_mode_enabled():
+            self._pulled = (key, filters)
+        return filters

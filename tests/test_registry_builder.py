@@ -79,6 +79,46 @@ def test_fca_equals_se_excitation_of_dc_when_one_frequency():
     assert torch.allclose(y, x.mean((2, 3)) * 7, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(42, 42), (21, 21), (11, 11), (6, 6), (112, 112), (9, 13),
+                                  (56, 56), (1, 1)])
+def test_fca_pulled_back_filters_equal_pooling_first(size):
+    """FcaNet's own order on a map of another size (adaptive_avg_pool2d to the DCT size,
+    then the DCT-weighted sum) equals weighting the map by the pulled-back filters:
+    float64, gate output and input gradient, training mode."""
+    import torch.nn.functional as F
+
+    from attnbench.modules.fca import FCAGate
+    torch.manual_seed(0)
+    gate = FCAGate(32, reduction=4, stage=1).double().train()   # DCT size 56
+    x = torch.randn(2, 32, *size, dtype=torch.float64, requires_grad=True)
+
+    def authors(inp):
+        pooled = F.adaptive_avg_pool2d(inp, 56) if inp.shape[-2:] != (56, 56) else inp
+        return inp * torch.sigmoid(gate.fc((pooled * gate.dct).sum((2, 3), keepdim=True)))
+    ref = authors(x)
+    (gx_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    out = gate(x)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-12, rtol=0)
+    assert not torch.allclose(ref, x * torch.sigmoid(gate.fc(x.mean((2, 3), keepdim=True))))
+
+
+def test_fca_pulled_back_filters_follow_the_buffer_and_size():
+    from attnbench.modules.fca import FCAGate
+    gate = FCAGate(32, reduction=4, stage=4).eval()                 # DCT size 7
+    x = torch.randn(1, 32, 5, 5)
+    first = gate.filters_for(x)
+    assert gate.filters_for(x) is first and first.shape == (32, 5, 5)   # kept
+    assert gate.filters_for(torch.randn(1, 32, 7, 7)) is gate.dct        # the DCT size itself
+    assert gate.filters_for(torch.randn(1, 32, 6, 6)).shape == (32, 6, 6)
+    gate.load_state_dict({k: 2 * v for k, v in gate.state_dict().items()})  # buffer changes
+    torch.testing.assert_close(gate.filters_for(x), 2 * first)
+    with torch.inference_mode():
+        gate(torch.randn(1, 32, 4, 4))
+    assert gate._pulled[0][:2] != (4, 4)     # an inference tensor is never kept
+
+
 def test_fca_adaptive_pool_other_resolutions():
     model = build_model("resnet18", "fca", num_classes=10).eval()
     for res in (168, 252, 448):
