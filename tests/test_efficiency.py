@@ -54,12 +54,12 @@ def test_layers_command_times_every_formulation_against_the_dense_conv(capsys):
     assert len(lines) == 1
     cells = [c.strip() for c in lines[0].split("|")[1:-1]]
     assert cells[1] == "4" and float(cells[2]) > 0  # layer1: 2 BasicBlocks x 2 convs; ms
-    assert sum(c.endswith("*") for c in cells[3:]) == 1     # the automatic choice (loop)
-    assert cells[4].endswith("*") and all("[" in c for c in cells[3:])
+    assert sum(c.endswith(" *") for c in cells[3:]) == 1    # the automatic choice (loop)
+    assert cells[4].endswith(" *") and all("[" in c for c in cells[3:])
     assert "4 rounds x 5 models" in out
 
 
 def test_layers_refuses_module_selection(capsys):
     assert main(["efficiency", "--layers", "--only", "se"]) == 2
     err = capsys.readouterr().err
-    assert "--layers times AW's formulations alone" in err and "Traceback" not in err
+    assert "--layers and --versus time single layers" in err and "Traceback" not in err

@@ -68,3 +68,25 @@ def test_resnet50_parameters_equal_ours(timm_gates, name, ours, params):
     theirs = build_model("resnet50", name)
     assert count(theirs) == count(build_model("resnet50", ours)) == params
     assert theirs.attnbench_label.endswith("-timm")
+
+
+def test_versus_times_ours_against_timm_on_each_map(timm_gates, capsys):
+    from attnbench.cli import main
+    rc = main(["efficiency", "--versus", "eca=timm_eca", "--backbone", "resnet18",
+               "--resolution", "32", "--batches", "2", "--modes", "eval", "--min-rounds", "4",
+               "--budget-s", "0.001", "--threads", "1", "--block-rounds", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("| eca vs timm_eca")]
+    assert [line.split("|")[2].strip() for line in lines] == [
+        "64x8x8 b2 eval", "128x4x4 b2 eval", "256x2x2 b2 eval", "512x1x1 b2 eval"]
+    assert all("[" in line.split("|")[6] for line in lines)     # ratio [lo, hi]
+
+
+def test_versus_refuses_modules_on_different_maps(timm_gates, capsys):
+    from attnbench.cli import main
+    assert main(["efficiency", "--versus", "aw=timm_se", "--backbone", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert "do not sit on the same maps" in err and "unexpected" not in err
+    assert main(["efficiency", "--versus", "se"]) == 2
+    assert "expected OURS=THEIRS" in capsys.readouterr().err

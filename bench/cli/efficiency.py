@@ -35,6 +35,10 @@ def register_cli(sub, parent) -> None:
     p.add_argument("--layers", action="store_true",
                    help="instead of whole models: every AW-conv shape of the backbone, each "
                         "exact formulation's paired ratio to the dense conv it replaces")
+    p.add_argument("--versus", action="append", default=[], metavar="OURS=THEIRS",
+                   help="instead of whole models: module OURS against another implementation "
+                        "THEIRS (e.g. a plugin's), on each map it sees in the backbone; "
+                        "ratio = their time / ours (repeatable)")
     p.add_argument("--block-rounds", type=POSITIVE_INT, default=10,
                    help="rounds per block; every model is re-instantiated between blocks "
                         "and the interval is taken over blocks (10)")
@@ -77,10 +81,15 @@ def run(args) -> int:
                    ci_target=args.ci_target, max_rounds=args.max_rounds,
                    budget_s=args.budget_s, block_rounds=args.block_rounds)
     say = lambda t: print(t, file=sys.stderr, flush=True)  # noqa: E731
-    if args.layers:
-        if args.only or args.module:
-            raise OptionError("--layers times AW's formulations alone: drop --only/--module")
-        print(_layer_table(s, E.aw_layer_rows(s, progress=say)))
+    if args.layers or args.versus:
+        if args.only or args.module or (args.layers and args.versus):
+            raise OptionError("--layers and --versus time single layers, one of them alone: "
+                              "drop --only/--module")
+        if args.layers:
+            print(_layer_table(s, E.aw_layer_rows(s, progress=say)))
+            return 0
+        rows = [r for text in args.versus for r in E.versus_rows(s, *_pair(text), progress=say)]
+        print(_versus_table(s, rows))
         return 0
     modules = [m for m in E.default_modules() if not args.only or m[0] in args.only]
     unknown = sorted(set(args.only) - {m[0] for m in E.default_modules()})
@@ -157,3 +166,29 @@ def _layer_table(s, rows: List[Dict[str, Any]]) -> str:
             f"methods: {'; '.join(sorted({r['method'] for r in rows}))}")
     return head + "\n" + tabulate(table, ["layer", "count", "dense conv ms"] + list(forms),
                                    tablefmt="github")
+
+
+def _pair(text: str):
+    """``--versus OURS=THEIRS``: two registered module names."""
+    from attnbench.modules.registry import REGISTRY
+    ours, sep, theirs = (t.strip() for t in text.partition("="))
+    if not sep or not ours or not theirs:
+        raise OptionError(f"--versus {text!r}: expected OURS=THEIRS, e.g. se=timm_se")
+    for name in (ours, theirs):
+        REGISTRY.get(name)  # unknown names: the registry's message with the closest names
+    return ours, theirs
+
+
+def _versus_table(s, rows: List[Dict[str, Any]]) -> str:
+    from tabulate import tabulate
+    table = [[r["pair"], r["layer"], r["count"], f"{r['theirs_ms']:.3f}", f"{r['ours_ms']:.3f}",
+              "failed" if r["ratio"] is None else
+              f"{r['ratio'].estimate:.3f} [{r['ratio'].lo:.3f}, {r['ratio'].hi:.3f}]"]
+             for r in rows]
+    head = (f"{s.backbone} at {s.resolution}², device {s.device}: each module on the maps it "
+            f"sees (C x H x W), ours against theirs in interleaved rounds; their time / our "
+            f"time [95 % CI] over blocks of {s.block_rounds} rounds (fresh instances each "
+            f"block); above 1: ours is faster\nmethods: "
+            f"{'; '.join(sorted({r['method'] for r in rows}))}")
+    return head + "\n" + tabulate(table, ["pair", "map", "count", "theirs ms", "ours ms",
+                                          "theirs / ours"], tablefmt="github")

@@ -21,6 +21,8 @@ from torch import nn
 
 from attnbench.matrix import measure
 from attnbench.matrix.config import load_config
+from attnbench.modules.registry import OptionError
+from attnbench.profilers.speed import time_interleaved
 from attnbench.results import Cell, canonical_options
 
 #: (name, options, stages) of one compared module
@@ -112,25 +114,70 @@ class LayerProbe(nn.Module):
         return self.layer(self.feature).mean((2, 3))
 
 
-def aw_layer_shapes(backbone: str, resolution: int) -> List[Tuple[Any, int]]:
-    """The distinct AW-convolutions of AW-``backbone`` at ``resolution``:
-    [(((C1, H, W), the AWConv2d), how many the network has)], in network order."""
-    from attnbench.modules.aw import AWConv2d
+def module_inputs(backbone: str, name: str, resolution: int) -> List[Tuple[Any, int]]:
+    """The distinct modules registered ``name`` puts into ``backbone`` (instances of its
+    factory) and the maps they see at ``resolution``: [((input C x H x W, the module),
+    how many the network has)], in network order; modules differ by input shape and
+    settings (their repr)."""
     from attnbench.modules.builder import build_model
-    model = build_model(backbone, "aw").eval()
+    from attnbench.modules.registry import REGISTRY
+    factory = REGISTRY.get(name).factory
+    model = build_model(backbone, name).eval()
     seen: Dict[Any, List[Any]] = {}
 
     def hook(module, args):
-        key = (tuple(args[0].shape[1:]), tuple(module.weight.shape), module.stride,
-               module.padding, module.dilation, module.groups)
-        seen.setdefault(key, [module, 0])[1] += 1
+        seen.setdefault((tuple(args[0].shape[1:]), repr(module)), [module, 0])[1] += 1
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, AWConv2d)]
+               if isinstance(m, factory)]
     with torch.no_grad():
         model(torch.zeros(1, 3, resolution, resolution))
     for h in handles:
         h.remove()
     return [((key[0], m), count) for key, (m, count) in seen.items()]
+
+
+def aw_layer_shapes(backbone: str, resolution: int) -> List[Tuple[Any, int]]:
+    """The distinct AW-convolutions of AW-``backbone`` (:func:`module_inputs`)."""
+    return module_inputs(backbone, "aw", resolution)
+
+
+def _probe_group(s: Settings, models: Dict[str, nn.Module], mode: str, batch: int,
+                 baseline: str):
+    return time_interleaved(models, mode, batch, 8, s.device, s.warmup, s.min_rounds,
+                            threads=s.threads, baseline=baseline, ci_target=s.ci_target,
+                            max_rounds=s.max_rounds, budget_s=s.budget_s,
+                            block_rounds=s.block_rounds)
+
+
+def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict[str, Any]]:
+    """Our module against another implementation of it (e.g. a plugin wrapping the
+    authors' or timm's code), module by module on the maps they see in the backbone,
+    in interleaved rounds: ratio = their time / our time per round (above 1: ours is
+    faster)."""
+    mine, other = module_inputs(s.backbone, ours, s.resolution), \
+        module_inputs(s.backbone, theirs, s.resolution)
+    if [(sh, c) for (sh, _), c in mine] != [(sh, c) for (sh, _), c in other]:
+        raise OptionError(f"--versus {ours}={theirs}: the two modules do not sit on the same "
+                         f"maps in {s.backbone}")
+    rows = []
+    for ((shape, m_ours), count), ((_, m_theirs), _) in zip(mine, other):
+        for batch in s.batches:
+            feature = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+            models = {theirs: LayerProbe(copy.deepcopy(m_theirs), feature),
+                      ours: LayerProbe(copy.deepcopy(m_ours), feature)}
+            for mode in s.modes:
+                name = f"{'x'.join(map(str, shape))} b{batch} {mode}"
+                if progress:
+                    progress(f"timing {ours} vs {theirs} on {name} (x{count})")
+                res = _probe_group(s, models, mode, batch, theirs)
+                rows.append({"pair": f"{ours} vs {theirs}", "layer": name, "count": count,
+                             "method": res.method, "ours_ms": res.stats[ours].median_ms
+                             if ours in res.stats else float("nan"),
+                             "theirs_ms": res.stats[theirs].median_ms
+                             if theirs in res.stats else float("nan"),
+                             "ratio": res.ratios[ours].interval
+                             if res.ratios.get(ours) else None})
+    return rows
 
 
 def aw_layer_rows(s: Settings, progress=None) -> List[Dict[str, Any]]:
@@ -139,7 +186,6 @@ def aw_layer_rows(s: Settings, progress=None) -> List[Dict[str, Any]]:
     suite's timer (:func:`~attnbench.profilers.speed.time_interleaved`, blocks with fresh
     instances); ratio = dense conv time / formulation time, per round."""
     from attnbench.modules.aw import FORMULATIONS
-    from attnbench.profilers.speed import time_interleaved
     rows = []
     for (shape, aw), count in aw_layer_shapes(s.backbone, s.resolution):
         for batch in s.batches:
@@ -158,10 +204,7 @@ def aw_layer_rows(s: Settings, progress=None) -> List[Dict[str, Any]]:
                 if progress:
                     progress(f"timing AW layer {name} (x{count}): dense conv and "
                              f"{', '.join(FORMULATIONS[1:])}")
-                res = time_interleaved(models, mode, batch, 8, s.device, s.warmup,
-                                       s.min_rounds, threads=s.threads, baseline="dense conv",
-                                       ci_target=s.ci_target, max_rounds=s.max_rounds,
-                                       budget_s=s.budget_s, block_rounds=s.block_rounds)
+                res = _probe_group(s, models, mode, batch, "dense conv")
                 rows.append({"layer": name, "count": count, "auto": auto, "mode": mode,
                              "batch": batch, "stop": res.stop, "rounds": len(res.orders),
                              "method": res.method,
