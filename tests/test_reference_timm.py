@@ -80,7 +80,7 @@ def test_versus_times_ours_against_timm_on_each_map(timm_gates, capsys):
     lines = [line for line in out.splitlines() if line.startswith("| eca vs timm_eca")]
     assert [line.split("|")[2].strip() for line in lines] == [
         "64x8x8 b2 eval", "128x4x4 b2 eval", "256x2x2 b2 eval", "512x1x1 b2 eval"]
-    assert all("[" in line.split("|")[6] for line in lines)     # ratio [lo, hi]
+    assert all("[" in line.split("|")[6] and "[" in line.split("|")[7] for line in lines)
 
 
 def test_versus_refuses_modules_on_different_maps(timm_gates, capsys):

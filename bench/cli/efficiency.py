@@ -181,14 +181,16 @@ def _pair(text: str):
 
 def _versus_table(s, rows: List[Dict[str, Any]]) -> str:
     from tabulate import tabulate
+    def text(iv):
+        return "failed" if iv is None else f"{iv.estimate:.3f} [{iv.lo:.3f}, {iv.hi:.3f}]"
     table = [[r["pair"], r["layer"], r["count"], f"{r['theirs_ms']:.3f}", f"{r['ours_ms']:.3f}",
-              "failed" if r["ratio"] is None else
-              f"{r['ratio'].estimate:.3f} [{r['ratio'].lo:.3f}, {r['ratio'].hi:.3f}]"]
-             for r in rows]
+              text(r["ratio"]), text(r["control"])] for r in rows]
     head = (f"{s.backbone} at {s.resolution}², device {s.device}: each module on the maps it "
             f"sees (C x H x W), ours against theirs in interleaved rounds; their time / our "
             f"time [95 % CI] over blocks of {s.block_rounds} rounds (fresh instances each "
-            f"block); above 1: ours is faster\nmethods: "
+            f"block); above 1: ours is faster; control: theirs against a second instance "
+            f"of theirs\nmethods: "
             f"{'; '.join(sorted({r['method'] for r in rows}))}")
     return head + "\n" + tabulate(table, ["pair", "map", "count", "theirs ms", "ours ms",
-                                          "theirs / ours"], tablefmt="github")
+                                          "theirs / ours", "control (A/A)"],
+                                   tablefmt="github")

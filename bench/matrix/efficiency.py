@@ -153,7 +153,8 @@ def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict
     """Our module against another implementation of it (e.g. a plugin wrapping the
     authors' or timm's code), module by module on the maps they see in the backbone,
     in interleaved rounds: ratio = their time / our time per round (above 1: ours is
-    faster)."""
+    faster), beside an A/A control (a second instance of theirs) that shows the noise
+    floor."""
     mine, other = module_inputs(s.backbone, ours, s.resolution), \
         module_inputs(s.backbone, theirs, s.resolution)
     if [(sh, c) for (sh, _), c in mine] != [(sh, c) for (sh, _), c in other]:
@@ -164,7 +165,8 @@ def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict
         for batch in s.batches:
             feature = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             models = {theirs: LayerProbe(copy.deepcopy(m_theirs), feature),
-                      ours: LayerProbe(copy.deepcopy(m_ours), feature)}
+                      ours: LayerProbe(copy.deepcopy(m_ours), feature),
+                      "control": LayerProbe(copy.deepcopy(m_theirs), feature)}  # A/A
             for mode in s.modes:
                 name = f"{'x'.join(map(str, shape))} b{batch} {mode}"
                 if progress:
@@ -176,7 +178,9 @@ def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict
                              "theirs_ms": res.stats[theirs].median_ms
                              if theirs in res.stats else float("nan"),
                              "ratio": res.ratios[ours].interval
-                             if res.ratios.get(ours) else None})
+                             if res.ratios.get(ours) else None,
+                             "control": res.ratios["control"].interval
+                             if res.ratios.get("control") else None})
     return rows
 
 
