@@ -69,7 +69,7 @@ def pulled_back(filters: torch.Tensor, h: int, w: int) -> torch.Tensor:
     input)."""
     ph, pw = pool_matrix(h, filters.shape[-2]), pool_matrix(w, filters.shape[-1])
     f = filters.detach().cpu().double().numpy()
-    return torch.from_numpy(np.einsum("ih,cij,jw->chw", ph, f, pw))
+    return torch.from_numpy(np.ascontiguousarray(ph.T @ f @ pw))  # two GEMMs per channel
 
 
 @register("fca", "gate", defaults={"reduction": 16, "n_freq": 16, "dct_size": 0},
