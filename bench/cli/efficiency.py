@@ -154,8 +154,7 @@ def _layer_table(s, rows: List[Dict[str, Any]]) -> str:
                    default=None)
         cells = []
         for f in forms:
-            iv = r["ratio"].get(f)
-            text = "failed" if iv is None else f"{iv.estimate:.3f} [{iv.lo:.3f}, {iv.hi:.3f}]"
+            text = _interval_text(r["ratio"].get(f))
             text = f"**{text}**" if f == best else text
             cells.append(text + (" *" if f == r["auto"] else ""))
         table.append([r["layer"], r["count"], f"{r['median_ms']['dense conv']:.2f}"] + cells)
@@ -181,10 +180,8 @@ def _pair(text: str):
 
 def _versus_table(s, rows: List[Dict[str, Any]]) -> str:
     from tabulate import tabulate
-    def text(iv):
-        return "failed" if iv is None else f"{iv.estimate:.3f} [{iv.lo:.3f}, {iv.hi:.3f}]"
     table = [[r["pair"], r["layer"], r["count"], f"{r['theirs_ms']:.3f}", f"{r['ours_ms']:.3f}",
-              text(r["ratio"]), text(r["control"])] for r in rows]
+              _interval_text(r["ratio"]), _interval_text(r["control"])] for r in rows]
     head = (f"{s.backbone} at {s.resolution}², device {s.device}: each module on the maps it "
             f"sees (C x H x W), ours against theirs in interleaved rounds; their time / our "
             f"time [95 % CI] over blocks of {s.block_rounds} rounds (fresh instances each "
@@ -194,3 +191,8 @@ def _versus_table(s, rows: List[Dict[str, Any]]) -> str:
     return head + "\n" + tabulate(table, ["pair", "map", "count", "theirs ms", "ours ms",
                                           "theirs / ours", "control (A/A)"],
                                    tablefmt="github")
+
+
+def _interval_text(iv) -> str:
+    """An interval of ``--layers``/``--versus`` as ``estimate [lo, hi]`` ("failed": none)."""
+    return "failed" if iv is None else f"{iv.estimate:.3f} [{iv.lo:.3f}, {iv.hi:.3f}]"
