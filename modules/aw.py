@@ -336,7 +336,8 @@ class AWConv2d(nn.Module):
         (C1, N*Ha*Wb) give each tap's partial output Z_t at every phase position; then
         O[y, x] = sum_t (1 + A_t) * Z_t[y + dy, x + dx] over the positions inside the phase
         (what falls on the zero padding is never computed). The multiply-adds of one dense
-        convolution; the phases together copy the input once (none at stride 1)."""
+        convolution; the phases together copy the input once (into C1-major rows, at stride 1
+        too)."""
         n, c1 = x.shape[:2]
         c2, (sh, sw) = self.out_channels, self.stride
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
