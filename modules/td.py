@@ -34,8 +34,8 @@ plain-ResNet weights load with ``strict=False``. Searchlights and spatial maps o
 forward pass can be kept for visualisation with ``with recording(model): ...``.
 
 Ops in forward beyond the block's own convs/BNs/ReLUs: ``Tensor.mean`` (pooling),
-``F.conv2d`` via 1x1 ``nn.Conv2d`` (MLP), ``F.relu``, ``torch.cat`` (joint),
-``torch.sigmoid``, ``*`` (``aten::mul``) and ``torch.matmul`` for A (eq. 7).
+``F.linear`` with the 1x1 ``nn.Conv2d`` weights (MLP, ``common.linear_1x1``), ``F.relu``,
+``torch.cat`` (joint), ``torch.sigmoid``, ``*`` (``aten::mul``) and ``torch.matmul`` for A (eq. 7).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .common import check_4d, reduced
+from .common import check_4d, linear_1x1, reduced
 from .registry import OptionError, register
 
 VARIANTS = ("joint", "top")
@@ -160,10 +160,10 @@ class TDBlock(nn.Module):
 
     def searchlight(self, top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
         """S of eq. 4 (joint) or eq. 5 (top), shape (N, C_bottom, 1, 1), no sigmoid."""
-        hidden = F.relu(self.w_t(top.mean((2, 3), keepdim=True)))
+        hidden = F.relu(linear_1x1(self.w_t, top.mean((2, 3))))
         if self.variant == "joint":
-            hidden = torch.cat([hidden, F.relu(self.w_b(bottom.mean((2, 3), keepdim=True)))], 1)
-        return self.w_s(hidden)
+            hidden = torch.cat([hidden, F.relu(linear_1x1(self.w_b, bottom.mean((2, 3))))], 1)
+        return linear_1x1(self.w_s, hidden)[:, :, None, None]
 
     @staticmethod
     def attend(bottom: torch.Tensor, s: torch.Tensor):

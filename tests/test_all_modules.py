@@ -72,3 +72,25 @@ def test_every_resolution_resnet18(variant):
 def test_every_resolution_resnet50(variant):
     sweep("resnet50", *variant, RESOLUTIONS, eval_batches=(2,),
           train_at=(RESOLUTIONS[0], RESOLUTIONS[-1]))
+
+
+@pytest.mark.parametrize("shape", [(5, 32, 1, 1), (3, 32, 4, 5)])
+def test_channel_mlp_equals_its_conv_sequence(shape):
+    """The gates' excitation MLP (common.ChannelMLP) runs its 1x1 convs as F.linear on a
+    pooled (N, C, 1, 1) input: the same output and gradients as nn.Sequential of the same
+    convs, float64 (larger maps go through the convs themselves)."""
+    from torch import nn
+    from attnbench.modules.common import bottleneck_mlp
+    torch.manual_seed(0)
+    mlp = bottleneck_mlp(32, 4).double()
+    seq = nn.Sequential(*[m for m in mlp])  # the same modules, the plain Sequential forward
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = mlp(x)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *mlp.parameters()])
+    ref = seq(x)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *seq.parameters()])
+    assert out.shape == ref.shape == (shape[0], 32, *shape[2:])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert list(mlp.state_dict()) == ["0.weight", "2.weight"]

@@ -158,7 +158,7 @@ def test_one_grouped_conv_per_batch(monkeypatch):
     m(x)
     big = [c for c in calls if c[1][2:] == (3, 3)]
     assert big == [((1, 5 * 16, 9, 9), (5 * 24, 8, 3, 3), 5 * 2)]
-    assert len(calls) == 3  # + the two pointwise convs of the branch
+    assert len(calls) == 1  # the branch's pointwise convs run as F.linear
 
 
 @pytest.mark.parametrize("cfg", [dict(stride=2, bias=True), dict(groups=2), dict(dilation=2)])
@@ -368,3 +368,97 @@ def test_fused_phases_match_the_reference_at_any_stride(conv):
     torch.testing.assert_close(grads["fused"][0], ref, atol=1e-10, rtol=0)
     for a, b in zip(grads["fused"], grads["loop"]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, bias=True), dict(stride=2, dilation=2)])
+def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
+    """``fused`` on the CPU without autograd sums its shifted partial outputs with one
+    torch.compile'd kernel: equal to the eager ops and to the per-sample float64 reference
+    (here above the size threshold, lowered to 0; float64)."""
+    from attnbench.modules import aw as awmod
+    m = make_aw(**cfg).eval()
+    m.formulation = "fused"
+    x = torch.randn(4, 16, 12, 13, dtype=torch.float64)
+    seen = []
+    real = awmod._sum_shifted
+    monkeypatch.setattr(awmod, "_sum_shifted", lambda *a: seen.append(1) or real(*a))
+    with torch.no_grad():
+        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", None)
+        eager = m(x)
+        assert seen == [1]                       # eager: the Python function ran
+        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(awmod, "_compiled_sum", None)
+        compiled = m(x)
+        ref = loop_forward(m, x, m.attention_maps(x).expand(-1, -1, 16, -1, -1))
+    assert awmod._compiled_sum not in (None, False)
+    assert compiled.is_contiguous() and compiled.shape == ref.shape
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
+    torch.testing.assert_close(compiled, ref, atol=1e-10, rtol=0)
+
+
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_compiled_accumulation_is_skipped_where_it_must_not_run(monkeypatch):
+    """Autograd, tensors not on the CPU, a torch function mode (the FLOP counters) or an
+    output under the threshold keep the eager ops."""
+    from attnbench.modules import aw as awmod
+    monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 100)
+    zs, shape = [torch.zeros(1, 2, 3, 4, 5)], (2, 3, 4, 5)
+    with torch.no_grad():
+        assert awmod._compiled_sum_applies(zs, shape)
+        assert not awmod._compiled_sum_applies(zs, (2, 3, 4, 4))  # 96 < 100
+        assert not awmod._compiled_sum_applies([zs[0].to("meta")], shape)
+        with _Passthrough():
+            assert not awmod._compiled_sum_applies(zs, shape)
+    assert not awmod._compiled_sum_applies(zs, shape)            # grad enabled
+
+
+def test_compile_failure_warns_once_and_falls_back(monkeypatch):
+    from attnbench.modules import aw as awmod
+    m = make_aw().eval()
+    m.formulation = "fused"
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", None)
+        eager = m(x)
+
+        def broken(fn, **kwargs):
+            def call(*args):
+                raise RuntimeError("no C++ compiler\nsecond line")
+            return call
+        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(awmod, "_compiled_sum", None)
+        monkeypatch.setattr(torch, "compile", broken)
+        with pytest.warns(RuntimeWarning, match=r"aw: torch.compile .* failed "
+                                                r"\(RuntimeError: no C\+\+ compiler\); using eager"):
+            out = m(x)
+        assert awmod._compiled_sum is False
+        torch.testing.assert_close(m(x), eager, atol=0, rtol=0)  # no second attempt, no warning
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_branch_as_linear_equals_the_module_sequence(mode, batch):
+    """attention_maps runs Pointconv1/2 as F.linear on the (N*h*w, C) matrix: the same A as
+    the branch's nn.Sequential on the (N, C, h, w) map, float64, in train mode with the
+    same BN batch statistics and running-statistic updates, and the same gradients."""
+    import copy
+    m = make_aw(bias=True).train(mode == "train")
+    seq = copy.deepcopy(m)
+    x = torch.randn(batch, 16, 10, 7, dtype=torch.float64)
+    fired = []
+    m.branch[1].register_forward_hook(lambda *args: fired.append(1))
+    a = m.attention_maps(x)
+    assert fired == ([1] if batch == 1 else [])  # batch >= 2: F.linear, not the conv module
+    b = seq.branch(x).unsqueeze(2)
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    a.pow(2).sum().backward()
+    b.pow(2).sum().backward()
+    for (name, p), q in zip(m.branch.named_parameters(), seq.branch.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=name)
+    for (name, buf), ref in zip(m.branch.named_buffers(), seq.branch.buffers()):
+        torch.testing.assert_close(buf, ref, atol=1e-12, rtol=0, msg=name)

@@ -685,15 +685,23 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 20)
 def test_timing_keeps_freed_memory_so_steps_do_not_fault_pages_in_again():
     """With the setting a repeated step faults no pages in; with glibc's defaults
     (``ATTNBENCH_MALLOC=system``) glibc trims the freed 100 MB and every repeat faults
-    them in again (~24k pages)."""
+    them in again (~24k pages) -- in most processes: in about one in five (measured),
+    something allocated above them on the heap keeps glibc from trimming, so the control
+    runs in up to five processes and must fault in one of them."""
     def faults(**env):
         out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True,
                              env={**os.environ, **env}, check=True).stdout.split()
         return out[0] == "True", float(out[1])
     kept, with_setting = faults()
-    system, without = faults(ATTNBENCH_MALLOC="system")
-    assert kept and not system
-    assert with_setting < 5 and without > 100, (with_setting, without)
+    assert kept and with_setting < 5, with_setting
+    controls = []
+    for _ in range(5):
+        system, without = faults(ATTNBENCH_MALLOC="system")
+        assert not system
+        controls.append(without)
+        if without > 100:
+            break
+    assert max(controls) > 100, controls
 
 
 def test_cpu_latency_method_says_freed_memory_is_kept():
