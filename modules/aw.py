@@ -69,14 +69,17 @@ Choices the paper leaves open, and what this implementation does:
   as ``nn.Conv2d`` does.
 
 Torch ops in :meth:`AWConv2d.forward` (for FLOP counters): ``adaptive_avg_pool2d``,
-``conv2d`` (1x1, C1 -> C1/r), ``batch_norm``, ``relu_``, ``conv2d`` (1x1, C1/r -> C2),
+``conv2d`` (1x1, C1 -> C1/r; from batch 2 on ``linear`` on the (N*h*w, C1) rows, the same
+multiply-adds), ``batch_norm``, ``relu_``, ``conv2d`` or ``linear`` (C1/r -> C2),
 ``batch_norm``, ``sigmoid``, ``unsqueeze``, ``add`` (1 + A, N*C2*h*w elements),
 ``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
 ``repeat`` (bias), then (``grouped``) ONE functional ``F.conv2d`` with groups = N*g (per sample the
 FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
 one ``stack`` and one ``bmm``, ``fused`` one ``mm`` per phase (either: the FLOPs of the original
-conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the output's size. FLOPs are counted
-at batch 1 (on the meta device: the CPU's choice, ``loop``).
+conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the output's size (``fused`` on the
+CPU without autograd: one compiled kernel, :func:`_shifted_sum`, that the counters never
+see: they count with the eager ops, and element-wise ops are uncounted). FLOPs are counted
+at batch 1 (on the meta device: the CPU's choice, ``grouped`` or, in layer 4, ``fused``).
 """
 from __future__ import annotations
 
@@ -97,8 +100,8 @@ from .registry import OptionError, register
 FORMULATIONS = ("auto", "grouped", "loop", "taps", "fused")
 
 
-#: the smallest batch from which the CPU leaves ``loop`` for the shape's formulation
-TAPS_MIN_BATCH = 8
+#: at batch 1 on the CPU, ``taps``/``fused`` need Ho*Wo this many times below C1/g
+BATCH1_MARGIN = 4
 
 
 def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: str,
@@ -108,24 +111,26 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
 
     ``taps``/``fused`` move N*C2*Ho*Wo*h*w partial outputs instead of N*C2*(C1/g)*h*w
     weights, so they move less where Ho*Wo < C1/g (ResNet layers 3-4). Measured on the
-    CPU (2 threads, ResNet-50 224², freed memory kept as in every timing here): at batch
-    1 ``loop`` is fastest everywhere (``attnbench efficiency``: loop 0.842x, grouped
-    0.836x, per-tap convolutions in layers 3-4 0.650x the plain backbone); at batch 8 see
-    ``attnbench efficiency --layers`` (each AW-conv shape of the backbone, every
-    formulation's paired ratio to the dense conv): ``grouped`` is fastest where
-    Ho*Wo >= C1/g (layers 1-2, including 56² maps; eval 0.72-0.80x the dense conv, train
-    0.76-0.78x), ``fused`` where Ho*Wo < C1/g in eval (layers 3-4, stride 1 and 2:
-    0.61-0.74x) but ``taps`` there in training (0.60-0.71x against fused's 0.35-0.50x:
-    fused's in-place adds into output slices cost autograd a copy each). So on the CPU:
-    ``loop`` below batch ``TAPS_MIN_BATCH``; from it on, where Ho*Wo < C1/g, ``fused``
-    without autograd (``taps`` if groups > 1) and ``taps`` with it, else ``grouped``. On
-    CUDA (not measured yet): ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta
-    device (FLOP counting on shapes) takes the CPU's choice.
+    CPU with ``attnbench efficiency --layers --batches 1,2,4,8 --modes eval,train`` (each
+    AW-conv shape of ResNet-50 at 224², every formulation's paired ratio to the dense conv
+    it replaces, 95 % intervals; 2 threads; README): ``grouped`` is the fastest where
+    Ho*Wo >= C1/g (layers 1-2) at every batch, in eval and train (batch 1 eval 0.74-0.77x
+    the dense conv, batch 8 0.72-0.80x), and ``loop`` is never faster than ``grouped``
+    (batch 1: the same convolution plus a copy; batch 4, layer 4: 0.23-0.25x against
+    fused's 0.77x). Where Ho*Wo < C1/g, ``fused`` wins in eval from batch 2 on (batch 4:
+    0.66-0.77x against grouped's 0.16-0.60x) and ``taps`` in training (batch 4:
+    0.55-0.68x; fused's in-place adds into output slices cost autograd a copy each). At
+    batch 1 the crossover moves: layer 3 (Ho*Wo = 196, C1 = 256) stays ``grouped`` (eval
+    0.70x against fused's 0.67x), layer 4 (49 against 512) gains (fused 0.66-0.73x, taps
+    0.58-0.63x in training, against grouped's 0.58-0.61x), hence ``BATCH1_MARGIN``. So on
+    the CPU: where Ho*Wo (times ``BATCH1_MARGIN`` at batch 1) < C1/g, ``fused`` without
+    autograd (``taps`` if groups > 1) and ``taps`` with it, else ``grouped``. On CUDA
+    (not measured yet): ``taps`` where Ho*Wo < C1/g, else ``grouped``. The meta device
+    (FLOP counting on shapes) takes the CPU's choice.
     """
     cpu = device_type in ("cpu", "meta")
-    if cpu and n < TAPS_MIN_BATCH:
-        return "loop"
-    if out_hw < c1g:
+    margin = BATCH1_MARGIN if cpu and n == 1 else 1
+    if out_hw * margin < c1g:
         return "fused" if cpu and dense and not grad else "taps"
     return "grouped"
 

@@ -192,15 +192,23 @@ def test_automatic_choice_follows_the_shape():
     assert choose_formulation(8, 512, 9, 7 * 7, "cpu", grad=True) == "taps"  # training
     assert choose_formulation(8, 128, 9, 28 * 28, "cpu", grad=True) == "grouped"
     assert choose_formulation(16, 256, 9, 14 * 14, "meta") == "fused"
-    assert choose_formulation(1, 512, 9, 7 * 7, "cpu") == "loop"    # batch 1: loop (measured)
-    assert choose_formulation(4, 128, 9, 28 * 28, "meta") == "loop"  # FLOPs: the CPU's choice
+    # batch 1: layer 3 (196 x 4 >= 256) grouped, layer 4 (49 x 4 < 512) fused (measured)
+    assert choose_formulation(1, 256, 9, 14 * 14, "cpu") == "grouped"
+    assert choose_formulation(1, 512, 9, 7 * 7, "cpu") == "fused"
+    assert choose_formulation(1, 512, 9, 7 * 7, "cpu", grad=True) == "taps"
+    assert choose_formulation(2, 256, 9, 14 * 14, "cpu") == "fused"  # from batch 2: C1/g
+    assert choose_formulation(4, 128, 9, 28 * 28, "meta") == "grouped"  # FLOPs: CPU's choice
+    assert "loop" not in {choose_formulation(n, c, 9, hw, dev, dense, grad)
+                          for n in (1, 2, 8) for c in (16, 64, 512) for hw in (4, 49, 3136)
+                          for dev in ("cpu", "cuda") for dense in (True, False)
+                          for grad in (True, False)}  # never faster than grouped (measured)
     assert choose_formulation(1, 512, 9, 7 * 7, "cuda") == "taps"
     assert choose_formulation(8, 64, 9, 56 * 56, "cuda") == "grouped"
     m = make_aw()
     x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
     with use_formulation("taps"):
         assert m.formulation_for(x, m.padding) == "taps"
-    assert m.formulation_for(x, m.padding) == "loop"  # 81 output positions > 16 inputs
+    assert m.formulation_for(x, m.padding) == "grouped"  # 81 output positions > 16 inputs
     with pytest.raises(OptionError, match="formulation must be one of"):
         with use_formulation("fast"):
             pass
