@@ -402,7 +402,8 @@ class AWConv2d(nn.Module):
         c2, c1g, kh, kw = w.shape
         stacked = w.permute(2, 3, 0, 1).reshape(kh * kw, c2 * c1g)
         if order is not None and list(order) != list(range(kh * kw)):
-            stacked = stacked[list(order)]
+            # basic slices, not a list index (which a JIT trace, fvcore's, misreads)
+            stacked = torch.cat([stacked[i:i + 1] for i in order])
         stacked = stacked.reshape(kh * kw * c2, c1g)
         if cacheable:
             self._tap_cache = (key, stacked)

@@ -470,3 +470,18 @@ def test_branch_as_linear_equals_the_module_sequence(mode, batch):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=name)
     for (name, buf), ref in zip(m.branch.named_buffers(), seq.branch.buffers()):
         torch.testing.assert_close(buf, ref, atol=1e-12, rtol=0, msg=name)
+
+
+def test_flops_of_aw_resnet50_do_not_depend_on_the_formulation():
+    """All three counters at 224², batch 1, with the automatic choice (grouped, and fused
+    in layer 4, whose stride-2 block reorders its taps under fvcore's JIT trace) and with
+    grouped forced everywhere: the same multiply-adds (fused's GEMMs are the dense conv's).
+    Plain ResNet-50 is 4.112 G (fvcore); the branch adds 2.8 M."""
+    from attnbench.modules.aw import use_formulation
+    from attnbench.profilers import flops
+    model = build_model("resnet50", "aw")
+    auto = [(c.counter, c.macs) for c in flops.flops_both(model, 224).counts]
+    with use_formulation("grouped"):
+        grouped = [(c.counter, c.macs) for c in flops.flops_both(model, 224).counts]
+    assert auto == grouped == [("fvcore", 4_114_906_136), ("ptflops-pytorch", 4_137_741_464),
+                               ("torch.utils.flop_counter", 4_114_906_136)]
