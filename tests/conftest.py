@@ -52,17 +52,14 @@ def clean_plugins(monkeypatch):
             del sys.modules[name]
 
 
-_THREADS_AT_START = None
-
-
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """A test that changes torch's thread count must not change it for the tests after it
-    (the runner's resume check compares the thread count with env.json's)."""
-    import torch
-    global _THREADS_AT_START
-    if _THREADS_AT_START is None:
-        _THREADS_AT_START = torch.get_num_threads()
+    (the runner's resume check compares the thread count with env.json's). Restored to
+    what the test started with: inside a module under ``one_thread`` that is 1, elsewhere
+    the process's own count (taking the first test's count instead made a worker whose
+    first file ran under ``one_thread`` keep 1 thread for every later file)."""
+    before = torch.get_num_threads()
     yield
-    if torch.get_num_threads() != _THREADS_AT_START:
-        torch.set_num_threads(_THREADS_AT_START)
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
