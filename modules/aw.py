@@ -187,7 +187,7 @@ def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
     h*w passes over the output (one ``addcmul_`` per tap); inductor fuses them into one
     pass that reads each partial output once and writes O once, in NCHW order (CPU, batch
     8: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see the README). Static shapes
-    (a dynamic-shape kernel measured no faster than eager), so each new layer shape
+    (a dynamic-shape kernel measured hardly faster than eager), so each new layer shape
     compiles once (seconds; inductor caches on disk); the recompile limit is raised for
     this call only, since a network has several shapes. If compiling fails (no C++
     compiler), a warning says so and the eager ops are used from then on."""
@@ -302,7 +302,8 @@ class AWConv2d(nn.Module):
         pool, conv1, bn1, relu, conv2, bn2, sigmoid = self.branch
         p = pool(x)
         n, c, h, w = p.shape
-        y = relu(bn1(linear_1x1(conv1, p.permute(0, 2, 3, 1).reshape(n * h * w, c))[..., None, None]))
+        rows = p.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        y = relu(bn1(linear_1x1(conv1, rows)[..., None, None]))
         y = sigmoid(bn2(linear_1x1(conv2, y.flatten(1))[..., None, None]))
         # contiguous (N, C2, h, w): K * (1 + A) then makes a contiguous weight
         return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous().unsqueeze(2)

@@ -378,7 +378,8 @@ def test_fused_phases_match_the_reference_at_any_stride(conv):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, bias=True), dict(stride=2, dilation=2)])
+@pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, bias=True),
+                                 dict(stride=2, dilation=2)])
 def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
     """``fused`` on the CPU without autograd sums its shifted partial outputs with one
     torch.compile'd kernel: equal to the eager ops and to the per-sample float64 reference
@@ -440,8 +441,8 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
         monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 0)
         monkeypatch.setattr(awmod, "_compiled_sum", None)
         monkeypatch.setattr(torch, "compile", broken)
-        with pytest.warns(RuntimeWarning, match=r"aw: torch.compile .* failed "
-                                                r"\(RuntimeError: no C\+\+ compiler\); using eager"):
+        expected = r"aw: torch.compile .* failed \(RuntimeError: no C\+\+ compiler\); using eager"
+        with pytest.warns(RuntimeWarning, match=expected):
             out = m(x)
         assert awmod._compiled_sum is False
         torch.testing.assert_close(m(x), eager, atol=0, rtol=0)  # no second attempt, no warning
