@@ -10,6 +10,12 @@ from attnbench.results import RESOLUTION_SWEEP
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# AW's compiled shifted sum compiles once per layer shape (seconds each): the resolution
+# sweeps would compile dozens of shapes (the suite took 13 min instead of 9-11). The tests
+# of the compiled kernel itself (tests/test_aw.py) turn it on for their calls.
+from attnbench.modules import aw as _aw  # noqa: E402
+_aw.COMPILED_SUM_MIN_ELEMENTS = None
+
 # The sweep of the TDAM paper's Table 2 / Fig. 3: 168^2 to 448^2 in steps of 28.
 RESOLUTIONS = list(RESOLUTION_SWEEP)
 
