@@ -162,6 +162,12 @@ def _sum_shifted(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple, shape: T
         out[:, :, y0:y1, x0:x1].addcmul_(part, scale[j, k])
     if out is None:  # every tap reads only padding: bias only
         out = zs[0].new_zeros(c2, n, ho, wo)
+    return _nchw(out, bias)
+
+
+def _nchw(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The (C2, N, Ho, Wo) sum of ``taps``/``fused`` as a contiguous NCHW output, plus
+    the bias."""
     out = out.transpose(0, 1)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
@@ -376,18 +382,10 @@ class AWConv2d(nn.Module):
         taps, c2, n, ho, wo = q.shape
         scale = (1 + a[:, :, 0]).reshape(n, c2, taps).permute(2, 1, 0)[..., None, None]
         if torch.is_grad_enabled():
-            return self._nchw((q * scale).sum(0))
+            return _nchw((q * scale).sum(0), self.bias)
         out = q.new_empty(n, c2, ho, wo)  # in place, summed straight into the NCHW output
         torch.sum(q.mul_(scale), 0, out=out.transpose(0, 1))
-        return self._nchw(out.transpose(0, 1))
-
-    def _nchw(self, out: torch.Tensor) -> torch.Tensor:
-        """The (C2, N, Ho, Wo) sum of ``taps``/``fused`` as a contiguous NCHW output, plus
-        the bias."""
-        out = out.transpose(0, 1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out.contiguous()
+        return _nchw(out.transpose(0, 1), self.bias)
 
     def _tap_weights(self, order: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         """K as h*w stacked taps, (h*w*C2, C1/g), tap-major (groups in order within a
