@@ -32,8 +32,9 @@ class CBAMGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d(x, "cbam")
-        avg = self.mlp(x.mean((2, 3), keepdim=True))
-        mx = self.mlp(x.amax((2, 3), keepdim=True))
-        x = x * torch.sigmoid(avg + mx)
+        n = x.shape[0]
+        # the shared MLP once on the 2N stacked descriptors (avg rows, then max rows)
+        both = self.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)]))
+        x = x * torch.sigmoid(both[:n] + both[n:])
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(pooled))

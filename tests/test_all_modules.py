@@ -74,11 +74,11 @@ def test_every_resolution_resnet50(variant):
           train_at=(RESOLUTIONS[0], RESOLUTIONS[-1]))
 
 
-@pytest.mark.parametrize("shape", [(5, 32, 1, 1), (3, 32, 4, 5)])
+@pytest.mark.parametrize("shape", [(5, 32, 1, 1), (1, 32, 1, 1), (3, 32, 4, 5)])
 def test_channel_mlp_equals_its_conv_sequence(shape):
     """The gates' excitation MLP (common.ChannelMLP) runs its 1x1 convs as F.linear on a
-    pooled (N, C, 1, 1) input: the same output and gradients as nn.Sequential of the same
-    convs, float64 (larger maps go through the convs themselves)."""
+    pooled (N, C, 1, 1) input with N >= 2: the same output and gradients as nn.Sequential
+    of the same convs, float64 (N = 1 and larger maps go through the convs themselves)."""
     from torch import nn
     from attnbench.modules.common import bottleneck_mlp
     torch.manual_seed(0)

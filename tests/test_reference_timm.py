@@ -25,11 +25,12 @@ def timm_gates():
 
 
 def _same(ours, theirs, channels=64):
-    x = torch.randn(2, channels, 9, 7, dtype=torch.float64)
     ours, theirs = ours.double().eval(), theirs.double().eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), atol=1e-12, rtol=0)
-        assert not torch.allclose(ours(x), x)
+    for batch in (1, 2, 3):  # batch 1: the MLP's convs; from 2 rows on: F.linear
+        x = torch.randn(batch, channels, 9, 7, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), atol=1e-12, rtol=0)
+            assert not torch.allclose(ours(x), x)
 
 
 def test_se_equals_timm(timm_gates):
