@@ -54,10 +54,15 @@ def test_layers_command_times_every_formulation_against_the_dense_conv(capsys):
     assert len(lines) == 1
     cells = [c.strip() for c in lines[0].split("|")[1:-1]]
     assert cells[1] == "4" and float(cells[2]) > 0  # layer1: 2 BasicBlocks x 2 convs; ms
-    assert sum(c.endswith(" *") for c in cells[3:]) == 1    # the automatic choice:
-    assert cells[3].endswith(" *")                          # grouped (Ho*Wo 64 >= C1 64)
-    assert all("[" in c for c in cells[3:])
-    assert "4 rounds x 5 models" in out
+    forms, rounds = cells[3:-1], cells[-1]
+    assert sum(c.endswith(" *") for c in forms) == 1        # the automatic choice:
+    assert forms[0].endswith(" *")                          # grouped (Ho*Wo 64 >= C1 64)
+    assert all("[" in c for c in forms)
+    assert rounds == "4 (time budget)"
+    methods = [line for line in out.splitlines() if line.startswith("methods: ")]
+    assert len(methods) == 1 and "interleaved: rounds x 5 models" in methods[0]
+    assert "stopped as the rounds column says" in methods[0]
+    assert methods[0].count("interleaved:") == 1  # one method, not one per row
 
 
 def test_layers_refuses_module_selection(capsys):

@@ -1,6 +1,7 @@
 """``attnbench efficiency``: paired speed ratios beside the FLOPs limit (issue 13)."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Dict, List
 
@@ -157,14 +158,15 @@ def _layer_table(s, rows: List[Dict[str, Any]]) -> str:
             text = _interval_text(r["ratio"].get(f))
             text = f"**{text}**" if f == best else text
             cells.append(text + (" *" if f == r["auto"] else ""))
-        table.append([r["layer"], r["count"], f"{r['median_ms']['dense conv']:.2f}"] + cells)
+        table.append([r["layer"], r["count"], f"{r['median_ms']['dense conv']:.2f}"] + cells
+                     + [_rounds_text(r)])
     head = (f"AW-{s.backbone} at {s.resolution}², device {s.device}: each AW-conv shape "
             f"(C1 x H x W of its input, stride), paired ratio dense conv time / formulation time "
             f"[95 % CI] over blocks of {s.block_rounds} interleaved rounds (fresh instances "
             f"each block); * = the automatic choice, bold = the best estimate\n"
-            f"methods: {'; '.join(sorted({r['method'] for r in rows}))}")
-    return head + "\n" + tabulate(table, ["layer", "count", "dense conv ms"] + list(forms),
-                                   tablefmt="github")
+            f"methods: {_methods(rows)}")
+    return head + "\n" + tabulate(table, ["layer", "count", "dense conv ms"] + list(forms)
+                                   + ["rounds"], tablefmt="github")
 
 
 def _pair(text: str):
@@ -181,16 +183,29 @@ def _pair(text: str):
 def _versus_table(s, rows: List[Dict[str, Any]]) -> str:
     from tabulate import tabulate
     table = [[r["pair"], r["layer"], r["count"], f"{r['theirs_ms']:.3f}", f"{r['ours_ms']:.3f}",
-              _interval_text(r["ratio"]), _interval_text(r["control"])] for r in rows]
+              _interval_text(r["ratio"]), _interval_text(r["control"]), _rounds_text(r)]
+             for r in rows]
     head = (f"{s.backbone} at {s.resolution}², device {s.device}: each module on the maps it "
             f"sees (C x H x W), ours against theirs in interleaved rounds; their time / our "
             f"time [95 % CI] over blocks of {s.block_rounds} rounds (fresh instances each "
             f"block); above 1: ours is faster; control: theirs against a second instance "
-            f"of theirs\nmethods: "
-            f"{'; '.join(sorted({r['method'] for r in rows}))}")
+            f"of theirs\nmethods: {_methods(rows)}")
     return head + "\n" + tabulate(table, ["pair", "map", "count", "theirs ms", "ours ms",
-                                          "theirs / ours", "control (A/A)"],
+                                          "theirs / ours", "control (A/A)", "rounds"],
                                    tablefmt="github")
+
+
+def _rounds_text(r) -> str:
+    return f"{r['rounds']} ({r['stop']})"
+
+
+def _methods(rows: List[Dict[str, Any]]) -> str:
+    """The rows' timing methods, each once: their round counts and stop reasons differ
+    per row and are in its ``rounds`` column."""
+    general = (re.sub(r"stopped by [^,;]+", "stopped as the rounds column says",
+                      re.sub(r"^interleaved: \d+ rounds", "interleaved: rounds", r["method"]))
+               for r in rows)
+    return "; ".join(dict.fromkeys(general))
 
 
 def _interval_text(iv) -> str:

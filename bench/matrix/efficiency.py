@@ -173,7 +173,8 @@ def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict
                     progress(f"timing {ours} vs {theirs} on {name} (x{count})")
                 res = _probe_group(s, models, mode, batch, theirs)
                 rows.append({"pair": f"{ours} vs {theirs}", "layer": name, "count": count,
-                             "method": res.method, "ours_ms": res.stats[ours].median_ms
+                             "method": res.method, "rounds": len(res.orders),
+                             "stop": res.stop, "ours_ms": res.stats[ours].median_ms
                              if ours in res.stats else float("nan"),
                              "theirs_ms": res.stats[theirs].median_ms
                              if theirs in res.stats else float("nan"),
