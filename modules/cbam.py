@@ -3,7 +3,8 @@
 Channel gate: a shared bias-free MLP (C->C/r->C) on the average- and max-pooled
 vectors, summed, sigmoid (eq. 2). Spatial gate: [max over channels; mean over
 channels] -> 7x7 conv (2->1, padding 3, no bias) -> BN(1) -> sigmoid (eq. 3).
-Channel first, then spatial (the paper's best order). With these choices
+Channel first, then spatial (the paper's best order). The MLP runs once on the
+2N stacked descriptors (the same values as two calls, one call's fixed cost). With these choices
 CBAM-ResNet-50 has 28,073,576 parameters, the count REFERENCE.md measured on the
 reference implementation.
 """
