@@ -1,12 +1,24 @@
 import os
 import sys
 
-import pytest
-import torch
+# Under pytest-xdist each worker gets its share of the cores (2 workers on 2 cores: 1 torch
+# thread each, inherited by the CLI subprocesses through OMP_NUM_THREADS). With torch's
+# default of one thread per core in every worker, two heavy tests at once spin OpenMP
+# threads against each other (load average 4 on 2 cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+WORKER_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS) if _WORKERS > 1 else None
+if WORKER_THREADS:
+    os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)
 
-from attnbench.plugins import loader as plugins
-from attnbench.modules.registry import REGISTRY
-from attnbench.results import RESOLUTION_SWEEP
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attnbench.plugins import loader as plugins  # noqa: E402
+from attnbench.modules.registry import REGISTRY  # noqa: E402
+from attnbench.results import RESOLUTION_SWEEP  # noqa: E402
+
+if WORKER_THREADS:
+    torch.set_num_threads(WORKER_THREADS)
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
