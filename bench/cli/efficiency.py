@@ -1,7 +1,6 @@
 """``attnbench efficiency``: paired speed ratios beside the FLOPs limit (issue 13)."""
 from __future__ import annotations
 
-import re
 import sys
 from typing import Any, Dict, List
 
@@ -200,12 +199,8 @@ def _rounds_text(r) -> str:
 
 
 def _methods(rows: List[Dict[str, Any]]) -> str:
-    """The rows' timing methods, each once: their round counts and stop reasons differ
-    per row and are in its ``rounds`` column."""
-    general = (re.sub(r"stopped by [^,;]+", "stopped as the rounds column says",
-                      re.sub(r"^interleaved: \d+ rounds", "interleaved: rounds", r["method"]))
-               for r in rows)
-    return "; ".join(dict.fromkeys(general))
+    """The rows' timing methods, each once (round counts and stop reasons: ``rounds``)."""
+    return "; ".join(dict.fromkeys(r["scheme"] for r in rows))
 
 
 def _interval_text(iv) -> str:

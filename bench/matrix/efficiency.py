@@ -149,6 +149,11 @@ def _probe_group(s: Settings, models: Dict[str, nn.Module], mode: str, batch: in
                             block_rounds=s.block_rounds)
 
 
+def _scheme(res) -> str:
+    """The group's method without its round count and stop reason (rows carry those)."""
+    return res.describe(rounds="rounds", stop="stopped as the rounds column says")
+
+
 def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict[str, Any]]:
     """Our module against another implementation of it (e.g. a plugin wrapping the
     authors' or timm's code), module by module on the maps they see in the backbone,
@@ -173,8 +178,9 @@ def versus_rows(s: Settings, ours: str, theirs: str, progress=None) -> List[Dict
                     progress(f"timing {ours} vs {theirs} on {name} (x{count})")
                 res = _probe_group(s, models, mode, batch, theirs)
                 rows.append({"pair": f"{ours} vs {theirs}", "layer": name, "count": count,
-                             "method": res.method, "rounds": len(res.orders),
-                             "stop": res.stop, "ours_ms": res.stats[ours].median_ms
+                             "method": res.method, "scheme": _scheme(res),
+                             "rounds": len(res.orders), "stop": res.stop,
+                             "ours_ms": res.stats[ours].median_ms
                              if ours in res.stats else float("nan"),
                              "theirs_ms": res.stats[theirs].median_ms
                              if theirs in res.stats else float("nan"),
@@ -212,7 +218,7 @@ def aw_layer_rows(s: Settings, progress=None) -> List[Dict[str, Any]]:
                 res = _probe_group(s, models, mode, batch, "dense conv")
                 rows.append({"layer": name, "count": count, "auto": auto, "mode": mode,
                              "batch": batch, "stop": res.stop, "rounds": len(res.orders),
-                             "method": res.method,
+                             "method": res.method, "scheme": _scheme(res),
                              "median_ms": {k: v.median_ms for k, v in res.stats.items()},
                              "ratio": {k: r.interval for k, r in res.ratios.items() if r},
                              "errors": {k: str(e) for k, e in res.errors.items()}})

@@ -159,11 +159,17 @@ class InterleavedResult:
 
     @property
     def method(self) -> str:
+        return self.describe()
+
+    def describe(self, rounds: Optional[str] = None, stop: Optional[str] = None) -> str:
+        """The method; ``rounds`` and ``stop`` replace this group's round count and stop
+        reason (a table of several groups gives those per row)."""
         any_stats = next(iter(self.stats.values()))
         target = f", target +-{100 * self.ci_target:g} %" if self.ci_target else ""
-        return (f"interleaved: {len(self.orders)} rounds x {len(self.stats)} models, seeded "
-                f"random order each round, stopped by {self.stop}{target}; "
-                f"{any_stats.method.split(', median of')[0]}")
+        rounds = f"{len(self.orders)} rounds" if rounds is None else rounds
+        stop = f"stopped by {self.stop}" if stop is None else stop
+        return (f"interleaved: {rounds} x {len(self.stats)} models, seeded random order each "
+                f"round, {stop}{target}; {any_stats.method.split(', median of')[0]}")
 
 
 # --------------------------------------------------------------------------- steps
