@@ -139,30 +139,41 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
 #: inductor) from this many output elements (N*C2*Ho*Wo) on; 0 = always, None = never
 COMPILED_SUM_MIN_ELEMENTS: Optional[int] = 1 << 16
 
+#: strides at which ``fused`` makes its partial outputs channels-innermost
+CHANNELS_INNERMOST_STRIDES = ((1, 1),)
+
 #: the compiled :func:`_sum_shifted`, made on first use; False once compiling failed
 _compiled_sum: Any = None
 
 
-def _sum_shifted(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple, shape: Tuple[int, ...],
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _sum_shifted(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
+                 shape: Tuple[int, ...], bias: Optional[torch.Tensor],
+                 channels_innermost: bool) -> torch.Tensor:
     """``fused``'s accumulation: O = sum over taps of (1 + A_t) * Z_t shifted, plus bias, as
-    a contiguous (N, C2, Ho, Wo) output. ``zs``: each phase's partial outputs (T, C2, N, Hp,
-    Wp); ``parts``: per tap (y0, y1, x0, x1, phase, t, j, k, dy, dx), the output rectangle
-    it reaches and where it reads, a tap covering all of O first if one does."""
+    a contiguous (N, C2, Ho, Wo) output. ``zs``: each phase's partial outputs, (N, Hp, Wp,
+    T, C2) if ``channels_innermost`` else (T, C2, N, Hp, Wp); ``scale``: 1 + A as (N, h, w,
+    C2) or (h, w, C2, N, 1, 1) to match; O is summed in the same order, (N, Ho, Wo, C2) or
+    (C2, N, Ho, Wo). ``parts``: per tap (y0, y1, x0, x1, phase, t, j, k, dy, dx), the output
+    rectangle it reaches and where it reads, a tap covering all of O first if one does;
+    ``shape``: (C2, N, Ho, Wo)."""
     c2, n, ho, wo = shape
-    scale = (1 + a[:, :, 0]).permute(2, 3, 1, 0)[..., None, None]  # (h, w, C2, N, 1, 1)
     out = None
     for y0, y1, x0, x1, p, t, j, k, dy, dx in parts:
-        part = zs[p][t, :, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+        rows, cols = slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)
+        if channels_innermost:
+            part, tap_scale = zs[p][:, rows, cols, t], scale[:, j, k, None, None, :]
+        else:
+            part, tap_scale = zs[p][t, :, :, rows, cols], scale[j, k]
         if out is None and (y0, y1, x0, x1) == (0, ho, 0, wo):
-            out = part * scale[j, k]
+            out = part * tap_scale
             continue
         if out is None:  # no tap covers the whole output
-            out = zs[0].new_zeros(c2, n, ho, wo)
-        out[:, :, y0:y1, x0:x1].addcmul_(part, scale[j, k])
+            out = zs[0].new_zeros((n, ho, wo, c2) if channels_innermost else (c2, n, ho, wo))
+        window = out[:, y0:y1, x0:x1] if channels_innermost else out[:, :, y0:y1, x0:x1]
+        window.addcmul_(part, tap_scale)
     if out is None:  # every tap reads only padding: bias only
-        out = zs[0].new_zeros(c2, n, ho, wo)
-    return _nchw(out, bias)
+        out = zs[0].new_zeros((n, ho, wo, c2) if channels_innermost else (c2, n, ho, wo))
+    return _nchw(out.permute(3, 0, 1, 2) if channels_innermost else out, bias)
 
 
 def _nchw(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -187,31 +198,32 @@ def _compiled_sum_applies(zs: List[torch.Tensor], shape: Tuple[int, ...]) -> boo
             and _python_dispatch._get_current_dispatch_mode() is None)
 
 
-def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
-                 shape: Tuple[int, ...], bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _shifted_sum(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
+                 shape: Tuple[int, ...], bias: Optional[torch.Tensor],
+                 channels_innermost: bool) -> torch.Tensor:
     """:func:`_sum_shifted`, compiled where :func:`_compiled_sum_applies`. Eager, it makes
     h*w passes over the output (one ``addcmul_`` per tap); inductor fuses them into one
     pass that reads each partial output once and writes O once, in NCHW order (CPU, batch
-    8: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see the README). Static shapes
+    8: 256x14² 2.49 -> 0.72 ms, 512x7² 2.23 -> 0.25 ms; see the README). Static shapes
     (a dynamic-shape kernel measured hardly faster than eager), so each new layer shape
     compiles once (seconds; inductor caches on disk); the recompile limit is raised for
     this call only, since a network has several shapes. If compiling fails (no C++
     compiler), a warning says so and the eager ops are used from then on."""
     global _compiled_sum
     if not _compiled_sum_applies(zs, shape):
-        return _sum_shifted(zs, a, parts, shape, bias)
+        return _sum_shifted(zs, scale, parts, shape, bias, channels_innermost)
     try:
         if _compiled_sum is None:
             _compiled_sum = torch.compile(_sum_shifted, dynamic=False)
         with torch._dynamo.config.patch(recompile_limit=1 << 12,
                                         accumulated_recompile_limit=1 << 14):
-            return _compiled_sum(zs, a, parts, shape, bias)
+            return _compiled_sum(zs, scale, parts, shape, bias, channels_innermost)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
         _compiled_sum = False
         warnings.warn(f"aw: torch.compile of the fused accumulation failed "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                       f"using eager ops", RuntimeWarning, stacklevel=2)
-        return _sum_shifted(zs, a, parts, shape, bias)
+        return _sum_shifted(zs, scale, parts, shape, bias, channels_innermost)
 
 
 _forced: Optional[str] = None
@@ -426,12 +438,18 @@ class AWConv2d(nn.Module):
         """``taps`` with one plain GEMM per input phase and no shifted copies (groups 1):
         at stride s the input splits into s*s phases (rows a, a + s, ...; columns b, b + s,
         ...), each tap reads one of them, shifted (:meth:`_phases`; at stride 1 the phase
-        is the input itself). Per phase, its stacked taps (T*C2, C1) times the phase
-        (C1, N*Ha*Wb) give each tap's partial output Z_t at every phase position; then
-        O[y, x] = sum_t (1 + A_t) * Z_t[y + dy, x + dx] over the positions inside the phase
-        (what falls on the zero padding is never computed). The multiply-adds of one dense
-        convolution; the phases together copy the input once (into C1-major rows, at stride 1
-        too)."""
+        is the input itself). Per phase, its stacked taps (T*C2, C1) times the phase give
+        each tap's partial output Z_t at every phase position; then O[y, x] = sum_t (1 +
+        A_t) * Z_t[y + dy, x + dx] over the positions inside the phase (what falls on the
+        zero padding is never computed). The multiply-adds of one dense convolution; the
+        phases together copy the input once.
+
+        Memory order of Z (``CHANNELS_INNERMOST_STRIDES``): at stride 1 the GEMM is (N*H*W,
+        C1) rows times the taps transposed, so Z has channels innermost and the scaled sum
+        runs along C2 instead of along rows of Wo = 7-14; at stride 2 the GEMM is taps times
+        (C1, N*Ha*Wb) and Z has positions innermost (CPU, batch 8, measured per layer: at
+        stride 1 the sum takes 256x14² 1.06 -> 0.59 ms, 512x7² 0.88 -> 0.16 ms; at stride
+        2 the channel-innermost GEMMs and sum were 5 % slower; README)."""
         n, c1 = x.shape[:2]
         c2, (sh, sw) = self.out_channels, self.stride
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
@@ -439,20 +457,33 @@ class AWConv2d(nn.Module):
         kw = self.weight.shape[3]
         weights = self._tap_weights(tuple(j * kw + k for _, _, taps in phases
                                           for j, k, _, _ in taps))
-        xt = x.transpose(0, 1)                                        # (C1, N, H, W), a view
+        channels_innermost = (sh, sw) in CHANNELS_INNERMOST_STRIDES
+        xh = x.permute(0, 2, 3, 1) if channels_innermost else x.transpose(0, 1)  # views
         zs, parts, row = [], [], 0
         for pa, pb, taps in phases:
-            xp = xt[:, :, pa::sh, pb::sw]
-            hp, wp = xp.shape[2:]
-            z = torch.mm(weights[row * c2:(row + len(taps)) * c2], xp.reshape(c1, -1))
-            zs.append(z.view(len(taps), c2, n, hp, wp))
+            w_phase = weights[row * c2:(row + len(taps)) * c2]           # (T*C2, C1)
             row += len(taps)
+            if channels_innermost:   # (N*Hp*Wp, C1) rows (a copy) times the taps, transposed
+                xp = xh[:, pa::sh, pb::sw]
+                hp, wp = xp.shape[1:3]
+                z = torch.mm(xp.reshape(-1, c1), w_phase.t()).view(n, hp, wp, len(taps), c2)
+            else:                    # the taps times (C1, N*Hp*Wp) columns (a copy)
+                xp = xh[:, :, pa::sh, pb::sw]
+                hp, wp = xp.shape[2:]
+                z = torch.mm(w_phase, xp.reshape(c1, -1)).view(len(taps), c2, n, hp, wp)
+            zs.append(z)
             for t, (j, k, dy, dx) in enumerate(taps):
                 y0, y1, x0, x1 = max(0, -dy), min(ho, hp - dy), max(0, -dx), min(wo, wp - dx)
                 if y0 < y1 and x0 < x1:  # else the tap reads only zero padding
                     parts.append((y0, y1, x0, x1, len(zs) - 1, t, j, k, dy, dx))
         parts.sort(key=lambda p: p[:4] != (0, ho, 0, wo))  # a tap covering all of O first
-        return _shifted_sum(zs, a, tuple(parts), (c2, n, ho, wo), self.bias)
+        scale = 1 + a[:, :, 0]                                           # (N, C2, h, w)
+        # in Z's order: (N, h, w, C2) copied (a gather in the summing kernel otherwise),
+        # or an (h, w, C2, N, 1, 1) view
+        scale = (scale.permute(0, 2, 3, 1).contiguous() if channels_innermost
+                 else scale.permute(2, 3, 1, 0)[..., None, None])
+        return _shifted_sum(zs, scale, tuple(parts), (c2, n, ho, wo), self.bias,
+                            channels_innermost)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The replaced convolution with K itself (used for empty batches)."""
