@@ -146,17 +146,18 @@ CHANNELS_INNERMOST_STRIDES = ((1, 1),)
 _compiled_sum: Any = None
 
 
-def _sum_shifted(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
+def _sum_shifted(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
                  shape: Tuple[int, ...], bias: Optional[torch.Tensor],
                  channels_innermost: bool) -> torch.Tensor:
     """``fused``'s accumulation: O = sum over taps of (1 + A_t) * Z_t shifted, plus bias, as
     a contiguous (N, C2, Ho, Wo) output. ``zs``: each phase's partial outputs, (N, Hp, Wp,
-    T, C2) if ``channels_innermost`` else (T, C2, N, Hp, Wp); ``scale``: 1 + A as (N, h, w,
-    C2) or (h, w, C2, N, 1, 1) to match; O is summed in the same order, (N, Ho, Wo, C2) or
+    T, C2) if ``channels_innermost`` else (T, C2, N, Hp, Wp); ``a``: A as (N, h, w, C2) or
+    (h, w, C2, N, 1, 1) to match; O is summed in the same order, (N, Ho, Wo, C2) or
     (C2, N, Ho, Wo). ``parts``: per tap (y0, y1, x0, x1, phase, t, j, k, dy, dx), the output
     rectangle it reaches and where it reads, a tap covering all of O first if one does;
     ``shape``: (C2, N, Ho, Wo)."""
     c2, n, ho, wo = shape
+    scale = 1 + a
     out = None
     for y0, y1, x0, x1, p, t, j, k, dy, dx in parts:
         rows, cols = slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)
@@ -198,7 +199,7 @@ def _compiled_sum_applies(zs: List[torch.Tensor], shape: Tuple[int, ...]) -> boo
             and _python_dispatch._get_current_dispatch_mode() is None)
 
 
-def _shifted_sum(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
+def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
                  shape: Tuple[int, ...], bias: Optional[torch.Tensor],
                  channels_innermost: bool) -> torch.Tensor:
     """:func:`_sum_shifted`, compiled where :func:`_compiled_sum_applies`. Eager, it makes
@@ -211,19 +212,19 @@ def _shifted_sum(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
     compiler), a warning says so and the eager ops are used from then on."""
     global _compiled_sum
     if not _compiled_sum_applies(zs, shape):
-        return _sum_shifted(zs, scale, parts, shape, bias, channels_innermost)
+        return _sum_shifted(zs, a, parts, shape, bias, channels_innermost)
     try:
         if _compiled_sum is None:
             _compiled_sum = torch.compile(_sum_shifted, dynamic=False)
         with torch._dynamo.config.patch(recompile_limit=1 << 12,
                                         accumulated_recompile_limit=1 << 14):
-            return _compiled_sum(zs, scale, parts, shape, bias, channels_innermost)
+            return _compiled_sum(zs, a, parts, shape, bias, channels_innermost)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
         _compiled_sum = False
         warnings.warn(f"aw: torch.compile of the fused accumulation failed "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                       f"using eager ops", RuntimeWarning, stacklevel=2)
-        return _sum_shifted(zs, scale, parts, shape, bias, channels_innermost)
+        return _sum_shifted(zs, a, parts, shape, bias, channels_innermost)
 
 
 _forced: Optional[str] = None
@@ -477,12 +478,12 @@ class AWConv2d(nn.Module):
                 if y0 < y1 and x0 < x1:  # else the tap reads only zero padding
                     parts.append((y0, y1, x0, x1, len(zs) - 1, t, j, k, dy, dx))
         parts.sort(key=lambda p: p[:4] != (0, ho, 0, wo))  # a tap covering all of O first
-        scale = 1 + a[:, :, 0]                                           # (N, C2, h, w)
+        a = a[:, :, 0]                                                   # (N, C2, h, w)
         # in Z's order: (N, h, w, C2) copied (a gather in the summing kernel otherwise),
         # or an (h, w, C2, N, 1, 1) view
-        scale = (scale.permute(0, 2, 3, 1).contiguous() if channels_innermost
-                 else scale.permute(2, 3, 1, 0)[..., None, None])
-        return _shifted_sum(zs, scale, tuple(parts), (c2, n, ho, wo), self.bias,
+        a = (a.permute(0, 2, 3, 1).contiguous() if channels_innermost
+             else a.permute(2, 3, 1, 0)[..., None, None])
+        return _shifted_sum(zs, a, tuple(parts), (c2, n, ho, wo), self.bias,
                             channels_innermost)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
