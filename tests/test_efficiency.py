@@ -1,6 +1,8 @@
 """`attnbench efficiency` (bench/matrix/efficiency.py): ratios beside FLOPs limits."""
 import math
 
+import pytest
+
 from attnbench.cli import main
 from attnbench.matrix import efficiency as E
 
@@ -69,3 +71,51 @@ def test_layers_refuses_module_selection(capsys):
     assert main(["efficiency", "--layers", "--only", "se"]) == 2
     err = capsys.readouterr().err
     assert "--layers and --versus time single layers" in err and "Traceback" not in err
+
+
+def _ratio_row(label, value, control=None, status="ok", stop="target reached"):
+    return {"metric": "speed_ratio", "status": status, "label": label, "batch": 8,
+            "mode": "eval", "value": value, "ratio_lo": value - 0.01, "ratio_hi": value + 0.01,
+            "rounds": 10, "blocks": 2, "stop": stop, "control_ratio": control,
+            "control_lo": None, "control_hi": None}
+
+
+def test_combined_runs_give_the_mean_with_a_t_interval_over_runs():
+    """``--runs K``: each ratio is the mean of the run estimates, the interval Student t
+    with K - 1 degrees of freedom over them (not the runs' own intervals)."""
+    latency = {"metric": "latency", "status": "ok", "label": "AW"}
+    runs = [[latency, _ratio_row("AW", 0.906), _ratio_row("none", 1.0, control=1.01)],
+            [latency, _ratio_row("AW", 0.891, stop="max rounds"),
+             _ratio_row("none", 1.0, control=0.99)]]
+    rows = E.combine_runs(runs)
+    assert rows[0] is latency
+    aw = rows[1]
+    half = 12.706 * math.sqrt(((0.906 - 0.8985) ** 2 + (0.891 - 0.8985) ** 2) / 1 / 2)
+    assert aw["value"] == pytest.approx(0.8985)
+    assert aw["ratio_lo"] == pytest.approx(0.8985 - half, abs=1e-3)
+    assert aw["ratio_hi"] == pytest.approx(0.8985 + half, abs=1e-3)
+    assert aw["runs"] == [0.906, 0.891] and aw["rounds"] == 20 and aw["blocks"] == 4
+    assert aw["stop"] == "target reached / max rounds"
+    assert rows[2]["control_ratio"] == pytest.approx(1.0) and rows[2]["control_lo"] < 0.99
+
+
+def test_a_ratio_failed_in_one_run_is_failed_in_the_combination():
+    runs = [[_ratio_row("AW", 0.9)], [_ratio_row("AW", 0.9, status="failed")]]
+    (aw,) = E.combine_runs(runs)
+    assert aw["status"] == "failed" and "1 of 2 runs" in aw["error"]
+    assert aw["runs"] == [0.9, None]
+
+
+def test_efficiency_runs_repeats_the_measurement_in_fresh_processes(capsys):
+    rc = main(["efficiency", "--backbone", "resnet18", "--resolution", "32", "--batches", "1",
+               "--modes", "eval", "--only", "se", "--min-rounds", "6", "--budget-s", "0.001",
+               "--threads", "1", "--block-rounds", "3", "--runs", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "over 2 runs in fresh processes" in out
+    assert "time budget / time budget" not in out and "(12 rounds, 4 blocks)" in out
+    se = next(line for line in out.splitlines() if line.startswith("| SE "))
+    cell = [c.strip() for c in se.split("|")[1:-1]][3]
+    mean, runs = float(cell.split()[0]), cell[cell.index("(") + 1:cell.index(")")].split(", ")
+    assert len(runs) == 2
+    assert mean == pytest.approx(sum(map(float, runs)) / 2, abs=1.5e-3)

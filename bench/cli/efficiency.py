@@ -1,12 +1,17 @@
 """``attnbench efficiency``: paired speed ratios beside the FLOPs limit (issue 13)."""
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, List
 
 from attnbench.cli.args import POSITIVE_FLOAT, POSITIVE_INT, check_device, int_list, \
     number_type, parse_stages, parse_value
-from attnbench.modules.registry import OptionError
+from attnbench.modules.registry import AttnbenchError, OptionError
 
 
 def register_cli(sub, parent) -> None:
@@ -39,6 +44,12 @@ def register_cli(sub, parent) -> None:
                    help="instead of whole models: module OURS against another implementation "
                         "THEIRS (e.g. a plugin's), on each map it sees in the backbone; "
                         "ratio = their time / ours (repeatable)")
+    p.add_argument("--runs", type=POSITIVE_INT, default=1,
+                   help="repeat the measurement in this many fresh processes, one after "
+                        "another, and give each ratio's mean with a 95 %% interval over the "
+                        "runs (a run's own interval misses what changes between processes "
+                        "and over minutes) (1)")
+    p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # one run of --runs
     p.add_argument("--block-rounds", type=POSITIVE_INT, default=10,
                    help="rounds per block; every model is re-instantiated between blocks "
                         "and the interval is taken over blocks (10)")
@@ -97,13 +108,50 @@ def run(args) -> int:
         raise OptionError(f"--only {', '.join(unknown)}: not a module of configs/default.toml "
                           f"({', '.join(dict.fromkeys(m[0] for m in E.default_modules()))})")
     modules += [_extra(t) for t in args.module]
+    if args.rows_out:  # one run of --runs K, in its own process: its rows, no table
+        with open(args.rows_out, "w") as f:
+            json.dump(E.ratio_rows(s, modules, progress=say), f, default=str)
+        return 0
     limits = E.flops_limits(E.flops_rows(s, modules))
-    rows = E.ratio_rows(s, modules, progress=say)
-    print(_table(s, rows, limits))
+    if args.runs > 1:
+        rows = E.combine_runs([_run_apart(args, i, say) for i in range(args.runs)])
+    else:
+        rows = E.ratio_rows(s, modules, progress=say)
+    print(_table(s, rows, limits, args.runs))
     return 0
 
 
-def _table(s, rows: List[Dict[str, Any]], limits) -> str:
+def _run_apart(args, i: int, say) -> List[Dict[str, Any]]:
+    """Run ``i`` of ``--runs``: this command in a fresh Python process (the same options,
+    plugins and interpreter), its progress on stderr; its rows."""
+    fd, path = tempfile.mkstemp(prefix="attnbench-efficiency-", suffix=".json")
+    os.close(fd)
+    argv = [sys.executable, "-m", "attnbench"]
+    for plugin in args.plugin:
+        argv += ["--plugin", plugin]
+    argv += ["efficiency", "--backbone", args.backbone, "--resolution", str(args.resolution),
+             "--batches", args.batches, "--modes", args.modes, "--device", args.device,
+             "--ci-target", repr(args.ci_target), "--min-rounds", str(args.min_rounds),
+             "--max-rounds", str(args.max_rounds), "--budget-s", repr(args.budget_s),
+             "--block-rounds", str(args.block_rounds), "--rows-out", path]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    for name in args.only:
+        argv += ["--only", name]
+    for text in args.module:
+        argv += ["--module", text]
+    say(f"run {i + 1} of {args.runs} (a fresh process)")
+    try:
+        code = subprocess.run(argv).returncode
+        if code != 0:
+            raise AttnbenchError(f"efficiency --runs: run {i + 1} of {args.runs} failed "
+                                 f"(exit {code}; its message is above)")
+        with open(path) as f:
+            return json.load(f)
+    finally:
+        os.unlink(path)
+
+
+def _table(s, rows: List[Dict[str, Any]], limits, runs: int = 1) -> str:
     from tabulate import tabulate
     keys = [(b, m) for b in s.batches for m in s.modes]
     ratio = {(r["label"], r["batch"], r["mode"]): r for r in rows
@@ -126,10 +174,15 @@ def _table(s, rows: List[Dict[str, Any]], limits) -> str:
     headers = ["module", "GMac", "FLOPs limit"] + [f"b{b} {m}" for b, m in keys]
     stops = sorted({f"{r['stop']} ({r['rounds']} rounds, {r.get('blocks') or 1} blocks)"
                     for r in ratio.values()})
+    over = (f"estimate [95 % CI] over blocks of {s.block_rounds} interleaved rounds (mean of "
+            f"block medians, Student t; fresh instances each block)" if runs == 1 else
+            f"mean [95 % CI] over {runs} runs in fresh processes, one after another (Student "
+            f"t over the runs; the run estimates after it), each run over blocks of "
+            f"{s.block_rounds} interleaved rounds (mean of block medians; fresh instances "
+            f"each block)")
     head = (f"{s.backbone} at {s.resolution}², device {s.device}, paired speed ratio to the "
-            f"plain backbone: estimate [95 % CI] over blocks of {s.block_rounds} interleaved "
-            f"rounds (mean of block medians, Student t; fresh instances each block), target +-"
-            f"{100 * s.ci_target:g} %; FLOPs limit = plain GMac / module GMac (fvcore)\n"
+            f"plain backbone: {over}, target +-{100 * s.ci_target:g} %; FLOPs limit = plain "
+            f"GMac / module GMac (fvcore)\n"
             f"groups stopped by: {'; '.join(stops)}")
     return head + "\n" + tabulate(table, headers, tablefmt="github")
 
@@ -139,6 +192,8 @@ def _ratio_text(r) -> str:
     text = f"{r['value']:.3f}"
     if lo is not None and hi is not None:
         text += f" [{lo:.3f}, {hi:.3f}]"
+    if r.get("runs"):
+        text += " (" + ", ".join(f"{v:.3f}" for v in r["runs"]) + ")"
     return text + (" ≈" if r.get("distinct") is False else "")
 
 
