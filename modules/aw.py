@@ -205,7 +205,7 @@ def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
     """:func:`_sum_shifted`, compiled where :func:`_compiled_sum_applies`. Eager, it makes
     h*w passes over the output (one ``addcmul_`` per tap); inductor fuses them into one
     pass that reads each partial output once and writes O once, in NCHW order (CPU, batch
-    8: 256x14² 2.49 -> 0.72 ms, 512x7² 2.23 -> 0.25 ms; see the README). Static shapes
+    8, 2026-12-02: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see the README). Static shapes
     (a dynamic-shape kernel measured hardly faster than eager), so each new layer shape
     compiles once (seconds; inductor caches on disk); the recompile limit is raised for
     this call only, since a network has several shapes. If compiling fails (no C++
@@ -448,9 +448,10 @@ class AWConv2d(nn.Module):
         Memory order of Z (``CHANNELS_INNERMOST_STRIDES``): at stride 1 the GEMM is (N*H*W,
         C1) rows times the taps transposed, so Z has channels innermost and the scaled sum
         runs along C2 instead of along rows of Wo = 7-14; at stride 2 the GEMM is taps times
-        (C1, N*Ha*Wb) and Z has positions innermost (CPU, batch 8, measured per layer: at
-        stride 1 the sum takes 256x14² 1.06 -> 0.59 ms, 512x7² 0.88 -> 0.16 ms; at stride
-        2 the channel-innermost GEMMs and sum were 5 % slower; README)."""
+        (C1, N*Ha*Wb) and Z has positions innermost (CPU, batch 8, 2026-12-03, 40 interleaved
+        rounds, medians: at stride 1 the compiled sum takes 256x14² 1.24 -> 0.82 ms, 512x7²
+        1.13 -> 0.32 ms, the whole layer paired 1.03x and 1.07-1.08x faster; at stride 2
+        the channel-innermost GEMMs and sum were ~5 % slower; README)."""
         n, c1 = x.shape[:2]
         c2, (sh, sw) = self.out_channels, self.stride
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
