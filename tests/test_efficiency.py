@@ -119,3 +119,9 @@ def test_efficiency_runs_repeats_the_measurement_in_fresh_processes(capsys):
     mean, runs = float(cell.split()[0]), cell[cell.index("(") + 1:cell.index(")")].split(", ")
     assert len(runs) == 2
     assert mean == pytest.approx(sum(map(float, runs)) / 2, abs=1.5e-3)
+
+
+def test_runs_is_refused_with_layers_rather_than_ignored(capsys):
+    assert main(["efficiency", "--layers", "--runs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--runs repeats the whole-model table" in err and "Traceback" not in err

@@ -96,6 +96,9 @@ def run(args) -> int:
         if args.only or args.module or (args.layers and args.versus):
             raise OptionError("--layers and --versus time single layers, one of them alone: "
                               "drop --only/--module")
+        if args.runs > 1:
+            raise OptionError("--runs repeats the whole-model table; --layers and --versus "
+                              "take one run (judge a change with old and new in one run)")
         if args.layers:
             print(_layer_table(s, E.aw_layer_rows(s, progress=say)))
             return 0
