@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (efficiency --runs)
     args.plugin = list(args.plugin) + list(getattr(args, "plugin_after", []))
     args.debug = bool(args.debug or getattr(args, "debug_after", False))
     from attnbench.modules.registry import AttnbenchError

@@ -125,23 +125,12 @@ def run(args) -> int:
 
 
 def _run_apart(args, i: int, say) -> List[Dict[str, Any]]:
-    """Run ``i`` of ``--runs``: this command in a fresh Python process (the same options,
-    plugins and interpreter), its progress on stderr; its rows."""
+    """Run ``i`` of ``--runs``: this command in a fresh Python process (the same command
+    line and interpreter), its progress on stderr; its rows."""
     fd, path = tempfile.mkstemp(prefix="attnbench-efficiency-", suffix=".json")
     os.close(fd)
-    argv = [sys.executable, "-m", "attnbench"]
-    for plugin in args.plugin:
-        argv += ["--plugin", plugin]
-    argv += ["efficiency", "--backbone", args.backbone, "--resolution", str(args.resolution),
-             "--batches", args.batches, "--modes", args.modes, "--device", args.device,
-             "--ci-target", repr(args.ci_target), "--min-rounds", str(args.min_rounds),
-             "--max-rounds", str(args.max_rounds), "--budget-s", repr(args.budget_s),
-             "--block-rounds", str(args.block_rounds), "--rows-out", path]
-    argv += ["--threads", str(args.threads)] if args.threads else []
-    for name in args.only:
-        argv += ["--only", name]
-    for text in args.module:
-        argv += ["--module", text]
+    # the command as given; the child's --rows-out returns before --runs is looked at
+    argv = [sys.executable, "-m", "attnbench", *args.argv, "--rows-out", path]
     say(f"run {i + 1} of {args.runs} (a fresh process)")
     try:
         code = subprocess.run(argv).returncode
