@@ -50,8 +50,9 @@ Choices the paper leaves open, and what this implementation does:
     to tap t times K[:, :, t]: the h*w shifted (strided) views of the padded input are
     gathered once into (h*w, C1, N*Ho*Wo) and multiplied by K's taps in ONE batched
     GEMM (the multiply-adds of one dense convolution), then scaled and summed.
-  - ``fused`` (groups 1; else ``taps``): at stride 1 ONE GEMM of the stacked taps
-    (h*w*C2, C1) by the unpadded input (C1, N*H*W), no shifted copies; at stride s the
+  - ``fused`` (groups 1; else ``taps``): at stride 1 ONE GEMM of the unpadded input's
+    (N*H*W, C1) rows by the stacked taps (h*w*C2, C1) -- run as a 1x1 convolution with
+    h*w*C2 outputs (:func:`_tap_gemm`) --, no shifted copies; at stride s the
     input's s*s phases (rows a, a + s, ...; columns b, b + s, ...) each go through one
     GEMM with the taps that read that phase. Each tap's partial output is added,
     scaled, to the output rectangle it reaches (what falls on the zero padding is
@@ -75,21 +76,23 @@ multiply-adds), ``batch_norm``, ``relu_``, ``conv2d`` or ``linear`` (C1/r -> C2)
 ``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
 ``repeat`` (bias), then (``grouped``) ONE functional ``F.conv2d`` with groups = N*g (per sample the
 FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
-one ``stack`` and one ``bmm``, ``fused`` one ``mm`` per phase (either: the FLOPs of the original
-conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the output's size (``fused`` on the
-CPU without autograd: one compiled kernel, :func:`_shifted_sum`, that the counters never
-see: they count with the eager ops, and element-wise ops are uncounted). FLOPs are counted
+one ``stack`` and one ``bmm``, ``fused`` one 1x1 ``conv2d`` (stride 1) or one ``mm`` per phase
+(either: the FLOPs of the original conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the
+output's size. On the CPU without autograd two compiled kernels replace eager ops: the
+pool (:func:`_pool`) and ``fused``'s sum (:func:`_shifted_sum`). The counters never see
+them: they count with the eager ops (and element-wise ops are uncounted). FLOPs are counted
 at batch 1 (on the meta device: the CPU's choice, ``grouped`` or, in layer 4, ``fused``).
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.utils import _python_dispatch
 
 from .common import check_4d, linear_1x1, reduced
@@ -135,15 +138,18 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
     return "grouped"
 
 
-#: ``fused`` sums its shifted partial outputs with one compiled CPU kernel (torch.compile,
-#: inductor) from this many output elements (N*C2*Ho*Wo) on; 0 = always, None = never
-COMPILED_SUM_MIN_ELEMENTS: Optional[int] = 1 << 16
+#: AW's two compiled CPU kernels (torch.compile, inductor), :func:`_shifted_sum` and
+#: :func:`_pool`, run from this many elements (the sum's output, the pool's input) on;
+#: 0 = always, None = never (eager ops)
+COMPILED_MIN_ELEMENTS: Optional[int] = 1 << 16
 
 #: strides at which ``fused`` makes its partial outputs channels-innermost
 CHANNELS_INNERMOST_STRIDES = ((1, 1),)
 
-#: the compiled :func:`_sum_shifted`, made on first use; False once compiling failed
-_compiled_sum: Any = None
+#: the compiled functions, made on first use (eager function -> compiled one)
+_compiled: Dict[Any, Any] = {}
+#: True once compiling failed (warned once): the eager ops from then on
+_compile_failed = False
 
 
 def _sum_shifted(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
@@ -186,45 +192,101 @@ def _nchw(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return out.contiguous()
 
 
-def _compiled_sum_applies(zs: List[torch.Tensor], shape: Tuple[int, ...]) -> bool:
-    """Whether :func:`_shifted_sum` runs compiled: CPU tensors, no autograd, no JIT trace
-    or torch function/dispatch mode watching the ops (the FLOP and memory counters see
-    the eager ops), and an output of at least ``COMPILED_SUM_MIN_ELEMENTS``."""
-    limit = COMPILED_SUM_MIN_ELEMENTS
-    return (limit is not None and _compiled_sum is not False and zs[0].device.type == "cpu"
-            and shape[0] * shape[1] * shape[2] * shape[3] >= limit
+def _compiled_applies(t: torch.Tensor, elements: int) -> bool:
+    """Whether a compiled kernel runs on ``t``: a CPU tensor, no autograd, no JIT trace or
+    torch function/dispatch mode watching the ops (the FLOP and memory counters see the
+    eager ops), compiling has not failed, and at least ``COMPILED_MIN_ELEMENTS``
+    ``elements``."""
+    limit = COMPILED_MIN_ELEMENTS
+    return (limit is not None and not _compile_failed and t.device.type == "cpu"
+            and elements >= limit
             and not torch.is_grad_enabled() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
             and not torch._C._is_torch_function_mode_enabled()
             and _python_dispatch._get_current_dispatch_mode() is None)
 
 
+def _run_compiled(fn: Any, args: Tuple, eager: Any) -> torch.Tensor:
+    """``fn(*args)`` compiled (static shapes: a dynamic-shape kernel measured hardly faster
+    than eager), so each new layer shape compiles once (seconds; inductor caches on disk);
+    the recompile limit is raised for this call only, since a network has several shapes.
+    If compiling fails (no C++ compiler), a warning says so and ``eager()`` gives the
+    result, as it does from then on (:func:`_compiled_applies` is false)."""
+    global _compile_failed
+    try:
+        compiled = _compiled.get(fn)
+        if compiled is None:
+            compiled = _compiled[fn] = torch.compile(fn, dynamic=False)
+        with torch._dynamo.config.patch(recompile_limit=1 << 12,
+                                        accumulated_recompile_limit=1 << 14):
+            return compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
+        _compile_failed = True
+        warnings.warn(f"aw: torch.compile of {fn.__name__} failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                      f"using eager ops", RuntimeWarning, stacklevel=3)
+        return eager()
+
+
 def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
                  shape: Tuple[int, ...], bias: Optional[torch.Tensor],
                  channels_innermost: bool) -> torch.Tensor:
-    """:func:`_sum_shifted`, compiled where :func:`_compiled_sum_applies`. Eager, it makes
-    h*w passes over the output (one ``addcmul_`` per tap); inductor fuses them into one
-    pass that reads each partial output once and writes O once, in NCHW order (CPU, batch
-    8, 2026-12-02: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see the README). Static shapes
-    (a dynamic-shape kernel measured hardly faster than eager), so each new layer shape
-    compiles once (seconds; inductor caches on disk); the recompile limit is raised for
-    this call only, since a network has several shapes. If compiling fails (no C++
-    compiler), a warning says so and the eager ops are used from then on."""
-    global _compiled_sum
-    if not _compiled_sum_applies(zs, shape):
-        return _sum_shifted(zs, a, parts, shape, bias, channels_innermost)
-    try:
-        if _compiled_sum is None:
-            _compiled_sum = torch.compile(_sum_shifted, dynamic=False)
-        with torch._dynamo.config.patch(recompile_limit=1 << 12,
-                                        accumulated_recompile_limit=1 << 14):
-            return _compiled_sum(zs, a, parts, shape, bias, channels_innermost)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
-        _compiled_sum = False
-        warnings.warn(f"aw: torch.compile of the fused accumulation failed "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                      f"using eager ops", RuntimeWarning, stacklevel=2)
-        return _sum_shifted(zs, a, parts, shape, bias, channels_innermost)
+    """:func:`_sum_shifted`, compiled where :func:`_compiled_applies` (output elements).
+    Eager, it makes h*w passes over the output (one ``addcmul_`` per tap); inductor fuses
+    them into one pass that reads each partial output once and writes O once, in NCHW
+    order (CPU, batch 8, 2026-12-02: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see
+    the README)."""
+    args = (zs, a, parts, shape, bias, channels_innermost)
+    if not _compiled_applies(zs[0], shape[0] * shape[1] * shape[2] * shape[3]):
+        return _sum_shifted(*args)
+    return _run_compiled(_sum_shifted, args, lambda: _sum_shifted(*args))
+
+
+def _bins(size: int, out: int) -> Tuple[Tuple[int, int], ...]:
+    """Adaptive average pooling's windows along one axis: [floor(i*size/out),
+    ceil((i+1)*size/out)) for i < out (PyTorch's definition; they overlap or repeat where
+    ``size`` is not a multiple of ``out`` or is smaller)."""
+    return tuple(((i * size) // out, -(-(i + 1) * size // out)) for i in range(out))
+
+
+def _pool_windows(x: torch.Tensor, rows: Tuple, cols: Tuple) -> torch.Tensor:
+    """The mean of each (row window, column window) of x: (N, C, len(rows), len(cols))."""
+    return torch.stack([torch.stack([x[:, :, a:b, c:d].mean((2, 3)) for c, d in cols], -1)
+                        for a, b in rows], -2)
+
+
+def _pool(x: torch.Tensor, pool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
+    """F1's ``Avgpool2d`` (eq. 7), adaptive to the kernel size h x w. Where
+    :func:`_compiled_applies` (input elements), one compiled kernel of the h*w window means
+    (:func:`_pool_windows`), which inductor vectorises; PyTorch's NCHW adaptive pool runs
+    a scalar loop, about 1.3 ns per element here (CPU, batch 8, 2026-12-03, 30 shuffled
+    rounds x 5 calls, medians: 8x64x56² 0.71 -> 0.24 ms, 8x128x56² 1.31 -> 0.63 ms,
+    8x256x14² 0.28 -> 0.18 ms). Else the module itself (its hooks run)."""
+    if not _compiled_applies(x, x.numel()):
+        return pool(x)
+    h, w = _pair(pool.output_size)
+    return _run_compiled(_pool_windows, (x, _bins(x.shape[2], h), _bins(x.shape[3], w)),
+                         lambda: pool(x))
+
+
+#: how ``fused`` runs its channels-innermost tap GEMM: ``"conv"`` (oneDNN, as a 1x1
+#: convolution) or ``"mm"`` (``torch.mm``: MKL's sgemm on x86 builds)
+TAP_GEMM = "conv"
+
+
+def _tap_gemm(xp: torch.Tensor, w_phase: torch.Tensor) -> torch.Tensor:
+    """Each position's C1 inputs times the stacked taps: (N, Hp, Wp, C1) (a channels-last
+    view of the input phase) by (T*C2, C1) -> (N*Hp*Wp, T*C2), the same multiply-adds as
+    ``mm(rows, w_phase.t())``. As a 1x1 ``conv2d`` on the channels-last input it runs in
+    oneDNN, the library of the dense convolution it replaces; on an AMD EPYC host (CPU,
+    batch 8, 2026-12-03, 30 shuffled rounds, medians) 256x14²: 10.1 ms against the mm's
+    14.7 ms (dense 3x3 conv 8.8 ms), 512x7² 12.5 against 16.4 ms (MKL's sgemm there)."""
+    n, hp, wp, c1 = xp.shape
+    if TAP_GEMM == "mm":
+        return torch.mm(xp.reshape(-1, c1), w_phase.t())
+    z = F.conv2d(xp.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last),
+                 w_phase.view(-1, c1, 1, 1))
+    return z.permute(0, 2, 3, 1).reshape(n * hp * wp, -1)  # a view: z is channels-last
 
 
 _forced: Optional[str] = None
@@ -315,11 +377,12 @@ class AWConv2d(nn.Module):
         C) matrix, one row per pooled position: Pointconv1/2 as :func:`linear_1x1`, each BN
         on its (N*h*w, C, 1, 1) view (the same elements per channel, so the same batch
         statistics). At batch 1 the layout copies cost more than the convs' fixed cost, so
-        the branch runs as the plain ``nn.Sequential`` (CPU, measured: README)."""
-        if x.shape[0] < 2:
-            return self.branch(x).unsqueeze(2)
+        the branch after the pool runs as the plain ``nn.Sequential`` (CPU, measured:
+        README). The pool: :func:`_pool`."""
         pool, conv1, bn1, relu, conv2, bn2, sigmoid = self.branch
-        p = pool(x)
+        p = _pool(x, pool)
+        if x.shape[0] < 2:
+            return sigmoid(bn2(conv2(relu(bn1(conv1(p)))))).unsqueeze(2)
         n, c, h, w = p.shape
         rows = p.permute(0, 2, 3, 1).reshape(n * h * w, c)
         y = relu(bn1(linear_1x1(conv1, rows)[..., None, None]))
@@ -465,10 +528,10 @@ class AWConv2d(nn.Module):
         for pa, pb, taps in phases:
             w_phase = weights[row * c2:(row + len(taps)) * c2]           # (T*C2, C1)
             row += len(taps)
-            if channels_innermost:   # (N*Hp*Wp, C1) rows (a copy) times the taps, transposed
+            if channels_innermost:   # the taps as a 1x1 conv on the channels-last input
                 xp = xh[:, pa::sh, pb::sw]
                 hp, wp = xp.shape[1:3]
-                z = torch.mm(xp.reshape(-1, c1), w_phase.t()).view(n, hp, wp, len(taps), c2)
+                z = _tap_gemm(xp, w_phase).view(n, hp, wp, len(taps), c2)
             else:                    # the taps times (C1, N*Hp*Wp) columns (a copy)
                 xp = xh[:, :, pa::sh, pb::sw]
                 hp, wp = xp.shape[2:]

@@ -22,11 +22,11 @@ if WORKER_THREADS:
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-# AW's compiled shifted sum compiles once per layer shape (seconds each), and the resolution
-# sweeps meet dozens of shapes; the suite checks outputs, so it runs the eager ops. The tests
-# of the compiled kernel itself (tests/test_aw.py) turn it on for their calls.
+# AW's compiled kernels (shifted sum, pool) compile once per layer shape (seconds each), and
+# the resolution sweeps meet dozens of shapes; the suite checks outputs, so it runs the eager
+# ops. The tests of the compiled kernels themselves (tests/test_aw.py) turn them on.
 from attnbench.modules import aw as _aw  # noqa: E402
-_aw.COMPILED_SUM_MIN_ELEMENTS = None
+_aw.COMPILED_MIN_ELEMENTS = None
 
 # The sweep of the TDAM paper's Table 2 / Fig. 3: 168^2 to 448^2 in steps of 28.
 RESOLUTIONS = list(RESOLUTION_SWEEP)

@@ -392,17 +392,50 @@ def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
     real = awmod._sum_shifted
     monkeypatch.setattr(awmod, "_sum_shifted", lambda *a: seen.append(1) or real(*a))
     with torch.no_grad():
-        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", None)
+        monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
         eager = m(x)
         assert seen == [1]                       # eager: the Python function ran
-        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(awmod, "_compiled_sum", None)
+        monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(awmod, "_compiled", {})
         compiled = m(x)
         ref = loop_forward(m, x, m.attention_maps(x).expand(-1, -1, 16, -1, -1))
-    assert awmod._compiled_sum not in (None, False)
+    assert awmod._sum_shifted in awmod._compiled and not awmod._compile_failed
     assert compiled.is_contiguous() and compiled.shape == ref.shape
     torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
     torch.testing.assert_close(compiled, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(12, 13), (7, 7), (56, 56), (2, 5), (1, 1)])
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (2, 3)])
+def test_compiled_pool_equals_adaptive_average_pooling(size, kernel, monkeypatch):
+    """F1's pool (eq. 7) as compiled window means: the windows are PyTorch's adaptive
+    ones (overlapping where the size is not a multiple, repeated on maps smaller than the
+    kernel), float64, and a whole AW-conv gives the eager output."""
+    from attnbench.modules import aw as awmod
+    monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(awmod, "_compiled", {})
+    x = torch.randn(3, 4, *size, dtype=torch.float64)
+    pool = torch.nn.AdaptiveAvgPool2d(kernel)
+    with torch.no_grad():
+        out = awmod._pool(x, pool)
+    assert awmod._pool_windows in awmod._compiled
+    torch.testing.assert_close(out, F.adaptive_avg_pool2d(x, kernel), atol=1e-14, rtol=0)
+
+
+def test_aw_forward_with_compiled_kernels_equals_eager(monkeypatch):
+    from attnbench.modules import aw as awmod
+    monkeypatch.setattr(awmod, "_compiled", {})
+    m = make_aw().eval()
+    x = torch.randn(3, 16, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
+        for form in ("grouped", "fused"):
+            m.formulation = form
+            monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
+            eager = m(x)
+            monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
+            torch.testing.assert_close(m(x), eager, atol=1e-12, rtol=0)
+    assert awmod._pool_windows in awmod._compiled and awmod._sum_shifted in awmod._compiled
 
 
 class _Passthrough(torch.overrides.TorchFunctionMode):
@@ -414,15 +447,15 @@ def test_compiled_accumulation_is_skipped_where_it_must_not_run(monkeypatch):
     """Autograd, tensors not on the CPU, a torch function mode (the FLOP counters) or an
     output under the threshold keep the eager ops."""
     from attnbench.modules import aw as awmod
-    monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 100)
-    zs, shape = [torch.zeros(1, 2, 3, 4, 5)], (2, 3, 4, 5)
+    monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 100)
+    z = torch.zeros(1, 2, 3, 4, 5)
     with torch.no_grad():
-        assert awmod._compiled_sum_applies(zs, shape)
-        assert not awmod._compiled_sum_applies(zs, (2, 3, 4, 4))  # 96 < 100
-        assert not awmod._compiled_sum_applies([zs[0].to("meta")], shape)
+        assert awmod._compiled_applies(z, 120)
+        assert not awmod._compiled_applies(z, 96)  # 96 < 100
+        assert not awmod._compiled_applies(z.to("meta"), 120)
         with _Passthrough():
-            assert not awmod._compiled_sum_applies(zs, shape)
-    assert not awmod._compiled_sum_applies(zs, shape)            # grad enabled
+            assert not awmod._compiled_applies(z, 120)
+    assert not awmod._compiled_applies(z, 120)            # grad enabled
 
 
 def test_compile_failure_warns_once_and_falls_back(monkeypatch):
@@ -431,20 +464,21 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     m.formulation = "fused"
     x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
     with torch.no_grad():
-        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", None)
+        monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
         eager = m(x)
 
         def broken(fn, **kwargs):
             def call(*args):
                 raise RuntimeError("no C++ compiler\nsecond line")
             return call
-        monkeypatch.setattr(awmod, "COMPILED_SUM_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(awmod, "_compiled_sum", None)
+        monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(awmod, "_compiled", {})
+        monkeypatch.setattr(awmod, "_compile_failed", False)
         monkeypatch.setattr(torch, "compile", broken)
         expected = r"aw: torch.compile .* failed \(RuntimeError: no C\+\+ compiler\); using eager"
         with pytest.warns(RuntimeWarning, match=expected):
             out = m(x)
-        assert awmod._compiled_sum is False
+        assert awmod._compile_failed
         torch.testing.assert_close(m(x), eager, atol=0, rtol=0)  # no second attempt, no warning
     torch.testing.assert_close(out, eager, atol=0, rtol=0)
 
