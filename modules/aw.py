@@ -86,6 +86,8 @@ at batch 1 (on the meta device: the CPU's choice, ``grouped`` or, in layer 4, ``
 from __future__ import annotations
 
 import contextlib
+import time
+import types
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -143,44 +145,35 @@ def choose_formulation(n: int, c1g: int, taps: int, out_hw: int, device_type: st
 #: 0 = always, None = never (eager ops)
 COMPILED_MIN_ELEMENTS: Optional[int] = 1 << 16
 
-#: strides at which ``fused`` makes its partial outputs channels-innermost
-CHANNELS_INNERMOST_STRIDES = ((1, 1),)
-
-#: the compiled functions, made on first use (eager function -> compiled one)
+#: the compiled functions, made on first use: (eager function, signature) -> compiled
 _compiled: Dict[Any, Any] = {}
 #: True once compiling failed (warned once): the eager ops from then on
 _compile_failed = False
 
 
 def _sum_shifted(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
-                 shape: Tuple[int, ...], bias: Optional[torch.Tensor],
-                 channels_innermost: bool) -> torch.Tensor:
+                 shape: Tuple[int, ...], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``fused``'s accumulation: O = sum over taps of (1 + A_t) * Z_t shifted, plus bias, as
     a contiguous (N, C2, Ho, Wo) output. ``zs``: each phase's partial outputs, (N, Hp, Wp,
-    T, C2) if ``channels_innermost`` else (T, C2, N, Hp, Wp); ``a``: A as (N, h, w, C2) or
-    (h, w, C2, N, 1, 1) to match; O is summed in the same order, (N, Ho, Wo, C2) or
-    (C2, N, Ho, Wo). ``parts``: per tap (y0, y1, x0, x1, phase, t, j, k, dy, dx), the output
-    rectangle it reaches and where it reads, a tap covering all of O first if one does;
-    ``shape``: (C2, N, Ho, Wo)."""
+    T, C2); ``a``: A as (N, h, w, C2); O is summed channels-innermost, (N, Ho, Wo, C2).
+    ``parts``: per tap (y0, y1, x0, x1, phase, t, j, k, dy, dx), the output rectangle it
+    reaches and where it reads, a tap covering all of O first if one does; ``shape``: (C2,
+    N, Ho, Wo)."""
     c2, n, ho, wo = shape
     scale = 1 + a
     out = None
     for y0, y1, x0, x1, p, t, j, k, dy, dx in parts:
-        rows, cols = slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx)
-        if channels_innermost:
-            part, tap_scale = zs[p][:, rows, cols, t], scale[:, j, k, None, None, :]
-        else:
-            part, tap_scale = zs[p][t, :, :, rows, cols], scale[j, k]
+        part = zs[p][:, y0 + dy:y1 + dy, x0 + dx:x1 + dx, t]
+        tap_scale = scale[:, j, k, None, None, :]
         if out is None and (y0, y1, x0, x1) == (0, ho, 0, wo):
             out = part * tap_scale
             continue
         if out is None:  # no tap covers the whole output
-            out = zs[0].new_zeros((n, ho, wo, c2) if channels_innermost else (c2, n, ho, wo))
-        window = out[:, y0:y1, x0:x1] if channels_innermost else out[:, :, y0:y1, x0:x1]
-        window.addcmul_(part, tap_scale)
+            out = zs[0].new_zeros((n, ho, wo, c2))
+        out[:, y0:y1, x0:x1].addcmul_(part, tap_scale)
     if out is None:  # every tap reads only padding: bias only
-        out = zs[0].new_zeros((n, ho, wo, c2) if channels_innermost else (c2, n, ho, wo))
-    return _nchw(out.permute(3, 0, 1, 2) if channels_innermost else out, bias)
+        out = zs[0].new_zeros((n, ho, wo, c2))
+    return _nchw(out.permute(3, 0, 1, 2), bias)
 
 
 def _nchw(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -192,34 +185,50 @@ def _nchw(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return out.contiguous()
 
 
+def _watched() -> bool:
+    """Whether a JIT trace, torch.compile or a torch function/dispatch mode (the FLOP and
+    memory counters) records the ops: they then get the plain eager ops."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch._C._is_torch_function_mode_enabled()
+            or _python_dispatch._get_current_dispatch_mode() is not None)
+
+
 def _compiled_applies(t: torch.Tensor, elements: int) -> bool:
-    """Whether a compiled kernel runs on ``t``: a CPU tensor, no autograd, no JIT trace or
-    torch function/dispatch mode watching the ops (the FLOP and memory counters see the
-    eager ops), compiling has not failed, and at least ``COMPILED_MIN_ELEMENTS``
+    """Whether a compiled kernel runs on ``t``: a CPU tensor, no autograd, nothing
+    :func:`_watched`, compiling has not failed, and at least ``COMPILED_MIN_ELEMENTS``
     ``elements``."""
     limit = COMPILED_MIN_ELEMENTS
     return (limit is not None and not _compile_failed and t.device.type == "cpu"
-            and elements >= limit
-            and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled()
-            and _python_dispatch._get_current_dispatch_mode() is None)
+            and elements >= limit and not torch.is_grad_enabled() and not _watched())
+
+
+def _signature(args: Any) -> Any:
+    """A hashable key of ``args``: each tensor's shape, strides and dtype, other values
+    as they are (the ints and tuples a kernel is specialised on)."""
+    if isinstance(args, torch.Tensor):
+        return (tuple(args.shape), args.stride(), args.dtype)
+    if isinstance(args, (tuple, list)):
+        return tuple(_signature(a) for a in args)
+    return args
 
 
 def _run_compiled(fn: Any, args: Tuple, eager: Any) -> torch.Tensor:
-    """``fn(*args)`` compiled (static shapes: a dynamic-shape kernel measured hardly faster
-    than eager), so each new layer shape compiles once (seconds; inductor caches on disk);
-    the recompile limit is raised for this call only, since a network has several shapes.
-    If compiling fails (no C++ compiler), a warning says so and ``eager()`` gives the
-    result, as it does from then on (:func:`_compiled_applies` is false)."""
+    """``fn(*args)`` compiled for exactly these shapes (static: a dynamic-shape kernel
+    measured hardly faster than eager); each new layer shape compiles once (seconds;
+    inductor caches on disk). Each signature (:func:`_signature`) gets its own copy of
+    ``fn`` (a fresh code object, so one dynamo cache entry each): no recompile limit to
+    raise, whose ``config.patch`` cost ~80 us a call, more than the guards it spared. If
+    compiling fails (no C++ compiler), a warning says so and ``eager()`` gives the result,
+    as it does from then on (:func:`_compiled_applies` is false)."""
     global _compile_failed
+    key = (fn, _signature(args))
     try:
-        compiled = _compiled.get(fn)
+        compiled = _compiled.get(key)
         if compiled is None:
-            compiled = _compiled[fn] = torch.compile(fn, dynamic=False)
-        with torch._dynamo.config.patch(recompile_limit=1 << 12,
-                                        accumulated_recompile_limit=1 << 14):
-            return compiled(*args)
+            fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                      fn.__defaults__, fn.__closure__)
+            compiled = _compiled[key] = torch.compile(fresh, dynamic=False)
+        return compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
         _compile_failed = True
         warnings.warn(f"aw: torch.compile of {fn.__name__} failed "
@@ -229,14 +238,13 @@ def _run_compiled(fn: Any, args: Tuple, eager: Any) -> torch.Tensor:
 
 
 def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
-                 shape: Tuple[int, ...], bias: Optional[torch.Tensor],
-                 channels_innermost: bool) -> torch.Tensor:
+                 shape: Tuple[int, ...], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_sum_shifted`, compiled where :func:`_compiled_applies` (output elements).
     Eager, it makes h*w passes over the output (one ``addcmul_`` per tap); inductor fuses
     them into one pass that reads each partial output once and writes O once, in NCHW
     order (CPU, batch 8, 2026-12-02: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see
     the README)."""
-    args = (zs, a, parts, shape, bias, channels_innermost)
+    args = (zs, a, parts, shape, bias)
     if not _compiled_applies(zs[0], shape[0] * shape[1] * shape[2] * shape[3]):
         return _sum_shifted(*args)
     return _run_compiled(_sum_shifted, args, lambda: _sum_shifted(*args))
@@ -269,24 +277,86 @@ def _pool(x: torch.Tensor, pool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
                          lambda: pool(x))
 
 
-#: how ``fused`` runs its channels-innermost tap GEMM: ``"conv"`` (oneDNN, as a 1x1
-#: convolution) or ``"mm"`` (``torch.mm``: MKL's sgemm on x86 builds)
-TAP_GEMM = "conv"
+def _gemm_mm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    return torch.mm(xp.reshape(-1, xp.shape[3]), taps.t())
 
 
-def _tap_gemm(xp: torch.Tensor, w_phase: torch.Tensor) -> torch.Tensor:
-    """Each position's C1 inputs times the stacked taps: (N, Hp, Wp, C1) (a channels-last
-    view of the input phase) by (T*C2, C1) -> (N*Hp*Wp, T*C2), the same multiply-adds as
-    ``mm(rows, w_phase.t())``. As a 1x1 ``conv2d`` on the channels-last input it runs in
-    oneDNN, the library of the dense convolution it replaces; on an AMD EPYC host (CPU,
-    batch 8, 2026-12-03, 30 shuffled rounds, medians) 256x14²: 10.1 ms against the mm's
-    14.7 ms (dense 3x3 conv 8.8 ms), 512x7² 12.5 against 16.4 ms (MKL's sgemm there)."""
-    n, hp, wp, c1 = xp.shape
-    if TAP_GEMM == "mm":
-        return torch.mm(xp.reshape(-1, c1), w_phase.t())
+def _gemm_conv(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """As a 1x1 convolution of the channels-last phase: oneDNN's convolution kernels."""
     z = F.conv2d(xp.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last),
-                 w_phase.view(-1, c1, 1, 1))
-    return z.permute(0, 2, 3, 1).reshape(n * hp * wp, -1)  # a view: z is channels-last
+                 taps[:, :, None, None])
+    return z.permute(0, 2, 3, 1).reshape(-1, taps.shape[0])  # a view: z is channels-last
+
+
+def _gemm_onednn(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op inductor uses for
+    linear layers on the CPU; no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(xp.reshape(-1, xp.shape[3]), taps, None,
+                                              "none", [], "")
+
+
+#: the exact backends of ``fused``'s tap GEMM (:func:`_tap_gemm`); ``auto`` times them
+TAP_GEMMS = {"mm": _gemm_mm, "conv": _gemm_conv, "onednn": _gemm_onednn}
+
+#: ``"auto"`` or one of :data:`TAP_GEMMS` for every tap GEMM (benchmarks, tests)
+TAP_GEMM = "auto"
+
+#: the backend ``auto`` chose, per (rows shape, taps shape, dtype, threads)
+_gemm_choice: Dict[Tuple, str] = {}
+
+
+def _gemm_candidates(xp: torch.Tensor) -> List[str]:
+    """The backends ``auto`` times: on the CPU in float32 without autograd or a watching
+    counter all three (``onednn`` where this build has the op), else ``mm`` alone."""
+    if (xp.device.type != "cpu" or xp.dtype != torch.float32 or _watched()
+            or torch.is_grad_enabled()):
+        return ["mm"]
+    names = ["mm", "conv"]
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        names.append("onednn")
+    return names
+
+
+def _time_gemm(fn: Any, xp: torch.Tensor, taps: torch.Tensor) -> float:
+    """The fastest of 3 timed calls after a warm one (seconds), or inf if it fails."""
+    try:
+        fn(xp, taps)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn(xp, taps)
+            best = min(best, time.perf_counter() - t0)
+        return best
+    except Exception:  # noqa: BLE001 - a backend this build cannot run is not chosen
+        return float("inf")
+
+
+def _tap_gemm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """``fused``'s GEMM: ``xp`` (N, Hp, Wp, C1), the channels-last view of one input phase,
+    as (M, C1) rows (M = N*Hp*Wp) times
+    the phase's (T*C2, C1) stacked taps, transposed: (M, T*C2), every tap's partial output
+    at every position, channels innermost. Its speed depends on the BLAS, the host and the
+    shape (CPU, batch 8, 2026-12-03, an AMD EPYC host, 25 shuffled rounds, medians, against
+    the dense 3x3 conv's 9.2 / 9.3 / 12.9 / 10.6 ms: 256x14² mm 14.3, 1x1 conv 10.6, oneDNN
+    matmul 11.4 ms; 512x7² 17.1 / 13.3 / 11.3; 256x28² stride 2, its 4 phases 18.6 / 14.7 /
+    13.0; 512x14² stride 2 14.7 / 15.8 / 12.7; MKL's sgemm, which ``mm`` calls on x86, is
+    slow on AMD), so ``auto`` times the candidates (:func:`_gemm_candidates`) at the first
+    call of each shape -- as ``torch.backends.cudnn.benchmark`` does for convolutions -- and
+    keeps the fastest; the untimed warm-up of a benchmark absorbs it. All give the same
+    product up to float rounding."""
+    how = TAP_GEMM
+    if how == "auto":
+        names = _gemm_candidates(xp)
+        if len(names) == 1:
+            how = names[0]
+        else:
+            key = (tuple(xp.shape), tuple(xp.stride()), tuple(taps.shape), xp.dtype,
+                   torch.get_num_threads())
+            how = _gemm_choice.get(key)
+            if how is None:
+                times = {k: _time_gemm(TAP_GEMMS[k], xp, taps) for k in names}
+                how = _gemm_choice[key] = min(times, key=times.get)
+    return TAP_GEMMS[how](xp, taps)
 
 
 _forced: Optional[str] = None
@@ -508,47 +578,33 @@ class AWConv2d(nn.Module):
         zero padding is never computed). The multiply-adds of one dense convolution; the
         phases together copy the input once.
 
-        Memory order of Z (``CHANNELS_INNERMOST_STRIDES``): at stride 1 the GEMM is (N*H*W,
-        C1) rows times the taps transposed, so Z has channels innermost and the scaled sum
-        runs along C2 instead of along rows of Wo = 7-14; at stride 2 the GEMM is taps times
-        (C1, N*Ha*Wb) and Z has positions innermost (CPU, batch 8, 2026-12-03, 40 interleaved
-        rounds, medians: at stride 1 the compiled sum takes 256x14² 1.24 -> 0.82 ms, 512x7²
-        1.13 -> 0.32 ms, the whole layer paired 1.03x and 1.07-1.08x faster; at stride 2
-        the channel-innermost GEMMs and sum were ~5 % slower; README)."""
-        n, c1 = x.shape[:2]
-        c2, (sh, sw) = self.out_channels, self.stride
+        Z is channels-innermost, (N, Hp, Wp, T, C2): the GEMM is the phase's (N*Hp*Wp, C1)
+        rows times the taps transposed (:func:`_tap_gemm`), and the scaled sum runs along
+        C2 instead of along rows of Wo = 7-14 (CPU, batch 8, 2026-12-03, 40 interleaved
+        rounds, medians: at stride 1 the compiled sum took 256x14² 1.24 -> 0.82 ms, 512x7²
+        1.13 -> 0.32 ms against positions innermost; README)."""
+        n, c2, (sh, sw) = x.shape[0], self.out_channels, self.stride
         ho, wo = self._out_size(x.shape[2], x.shape[3], padding)
         phases = self._phases(padding)
         kw = self.weight.shape[3]
         weights = self._tap_weights(tuple(j * kw + k for _, _, taps in phases
                                           for j, k, _, _ in taps))
-        channels_innermost = (sh, sw) in CHANNELS_INNERMOST_STRIDES
-        xh = x.permute(0, 2, 3, 1) if channels_innermost else x.transpose(0, 1)  # views
+        xh = x.permute(0, 2, 3, 1)                                       # a view
         zs, parts, row = [], [], 0
         for pa, pb, taps in phases:
             w_phase = weights[row * c2:(row + len(taps)) * c2]           # (T*C2, C1)
             row += len(taps)
-            if channels_innermost:   # the taps as a 1x1 conv on the channels-last input
-                xp = xh[:, pa::sh, pb::sw]
-                hp, wp = xp.shape[1:3]
-                z = _tap_gemm(xp, w_phase).view(n, hp, wp, len(taps), c2)
-            else:                    # the taps times (C1, N*Hp*Wp) columns (a copy)
-                xp = xh[:, :, pa::sh, pb::sw]
-                hp, wp = xp.shape[2:]
-                z = torch.mm(w_phase, xp.reshape(c1, -1)).view(len(taps), c2, n, hp, wp)
-            zs.append(z)
+            xp = xh[:, pa::sh, pb::sw]
+            hp, wp = xp.shape[1:3]
+            zs.append(_tap_gemm(xp, w_phase).view(n, hp, wp, len(taps), c2))
             for t, (j, k, dy, dx) in enumerate(taps):
                 y0, y1, x0, x1 = max(0, -dy), min(ho, hp - dy), max(0, -dx), min(wo, wp - dx)
                 if y0 < y1 and x0 < x1:  # else the tap reads only zero padding
                     parts.append((y0, y1, x0, x1, len(zs) - 1, t, j, k, dy, dx))
         parts.sort(key=lambda p: p[:4] != (0, ho, 0, wo))  # a tap covering all of O first
-        a = a[:, :, 0]                                                   # (N, C2, h, w)
-        # in Z's order: (N, h, w, C2) copied (a gather in the summing kernel otherwise),
-        # or an (h, w, C2, N, 1, 1) view
-        a = (a.permute(0, 2, 3, 1).contiguous() if channels_innermost
-             else a.permute(2, 3, 1, 0)[..., None, None])
-        return _shifted_sum(zs, a, tuple(parts), (c2, n, ho, wo), self.bias,
-                            channels_innermost)
+        # A in Z's order, (N, h, w, C2), copied (a gather in the summing kernel otherwise)
+        a = a[:, :, 0].permute(0, 2, 3, 1).contiguous()
+        return _shifted_sum(zs, a, tuple(parts), (c2, n, ho, wo), self.bias)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The replaced convolution with K itself (used for empty batches)."""

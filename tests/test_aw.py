@@ -1,5 +1,7 @@
 """AW-convolution (modules/aw.py): exactness against a per-sample reference, the
 zero-attention limit, gradients, shapes, parameter budgets against the AW paper."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -399,7 +401,8 @@ def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
         monkeypatch.setattr(awmod, "_compiled", {})
         compiled = m(x)
         ref = loop_forward(m, x, m.attention_maps(x).expand(-1, -1, 16, -1, -1))
-    assert awmod._sum_shifted in awmod._compiled and not awmod._compile_failed
+    assert {k[0] for k in awmod._compiled} == {awmod._sum_shifted, awmod._pool_windows}
+    assert not awmod._compile_failed
     assert compiled.is_contiguous() and compiled.shape == ref.shape
     torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
     torch.testing.assert_close(compiled, ref, atol=1e-10, rtol=0)
@@ -418,7 +421,7 @@ def test_compiled_pool_equals_adaptive_average_pooling(size, kernel, monkeypatch
     pool = torch.nn.AdaptiveAvgPool2d(kernel)
     with torch.no_grad():
         out = awmod._pool(x, pool)
-    assert awmod._pool_windows in awmod._compiled
+    assert [k[0] for k in awmod._compiled] == [awmod._pool_windows]
     torch.testing.assert_close(out, F.adaptive_avg_pool2d(x, kernel), atol=1e-14, rtol=0)
 
 
@@ -435,7 +438,70 @@ def test_aw_forward_with_compiled_kernels_equals_eager(monkeypatch):
             eager = m(x)
             monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
             torch.testing.assert_close(m(x), eager, atol=1e-12, rtol=0)
-    assert awmod._pool_windows in awmod._compiled and awmod._sum_shifted in awmod._compiled
+    assert {k[0] for k in awmod._compiled} == {awmod._pool_windows, awmod._sum_shifted}
+
+
+def _backends():
+    from attnbench.modules import aw as awmod
+    names = list(awmod.TAP_GEMMS)
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        names.remove("onednn")
+    return names
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_each_tap_gemm_backend_gives_the_product(backend):
+    """fused's GEMM: the phase's (N*Hp*Wp, C1) rows times the taps transposed, in float32,
+    against the float64 product, on a contiguous view and on a stride-2 phase."""
+    from attnbench.modules import aw as awmod
+    x, taps = torch.randn(2, 16, 9, 11), torch.randn(3 * 24, 16)
+    for xp in (x.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)[:, 1::2, 0::2]):
+        with torch.no_grad():
+            out = awmod.TAP_GEMMS[backend](xp, taps)
+        ref = xp.double().reshape(-1, 16) @ taps.double().t()
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", _backends() + ["auto"])
+@pytest.mark.parametrize("cfg", [dict(stride=1), dict(stride=2, bias=True),
+                                 dict(stride=2, dilation=2)])
+def test_fused_with_each_tap_gemm_equals_the_reference(backend, cfg, monkeypatch):
+    """The whole fused AW-conv in float32 with each GEMM backend (and the timed choice)
+    against the per-sample float64 reference."""
+    from attnbench.modules import aw as awmod
+    monkeypatch.setattr(awmod, "TAP_GEMM", backend)
+    monkeypatch.setattr(awmod, "_gemm_choice", {})
+    m64 = make_aw(**cfg).eval()
+    m = copy.deepcopy(m64).float()
+    m.formulation = "fused"
+    x = torch.randn(3, 16, 12, 13)
+    with torch.no_grad():
+        out = m(x)
+        x64 = x.double()
+        ref = loop_forward(m64, x64, m64.attention_maps(x64).expand(-1, -1, 16, -1, -1))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_tap_gemm_times_the_candidates_once_per_shape(monkeypatch):
+    """``auto`` times each candidate at a shape's first call and keeps the fastest; where
+    autograd, float64 or a counter's mode is involved it uses ``mm`` without timing."""
+    from attnbench.modules import aw as awmod
+    monkeypatch.setattr(awmod, "_gemm_choice", {})
+    timed = []
+    real = awmod._time_gemm
+    monkeypatch.setattr(awmod, "_time_gemm", lambda fn, *a: timed.append(fn) or real(fn, *a))
+    xp, taps = torch.randn(2, 16, 5, 6).permute(0, 2, 3, 1), torch.randn(48, 16)
+    with torch.no_grad():
+        awmod._tap_gemm(xp, taps)
+        awmod._tap_gemm(xp, taps)
+        assert len(timed) == len(awmod._gemm_candidates(xp)) >= 2
+        (choice,) = awmod._gemm_choice.values()
+        assert choice in awmod._gemm_candidates(xp)
+        assert awmod._gemm_candidates(xp.double()) == ["mm"]
+        with _Passthrough():
+            assert awmod._gemm_candidates(xp) == ["mm"]
+    assert awmod._gemm_candidates(xp) == ["mm"]                      # grad enabled
 
 
 class _Passthrough(torch.overrides.TorchFunctionMode):
