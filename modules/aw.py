@@ -51,8 +51,9 @@ Choices the paper leaves open, and what this implementation does:
     gathered once into (h*w, C1, N*Ho*Wo) and multiplied by K's taps in ONE batched
     GEMM (the multiply-adds of one dense convolution), then scaled and summed.
   - ``fused`` (groups 1; else ``taps``): at stride 1 ONE GEMM of the unpadded input's
-    (N*H*W, C1) rows by the stacked taps (h*w*C2, C1) -- run as a 1x1 convolution with
-    h*w*C2 outputs (:func:`_tap_gemm`) --, no shifted copies; at stride s the
+    (N*H*W, C1) rows by the stacked taps (h*w*C2, C1) (:func:`_tap_gemm`: ``torch.mm``,
+    a 1x1 convolution or oneDNN's matmul, whichever is fastest at the shape), no shifted
+    copies; at stride s the
     input's s*s phases (rows a, a + s, ...; columns b, b + s, ...) each go through one
     GEMM with the taps that read that phase. Each tap's partial output is added,
     scaled, to the output rectangle it reaches (what falls on the zero padding is
@@ -76,12 +77,13 @@ multiply-adds), ``batch_norm``, ``relu_``, ``conv2d`` or ``linear`` (C1/r -> C2)
 ``mul`` (K * (1 + A), N*C2*(C1/g)*h*w elements), ``reshape``, optionally ``pad`` and
 ``repeat`` (bias), then (``grouped``) ONE functional ``F.conv2d`` with groups = N*g (per sample the
 FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
-one ``stack`` and one ``bmm``, ``fused`` one 1x1 ``conv2d`` (stride 1) or one ``mm`` per phase
-(either: the FLOPs of the original conv), then ``mul``/``sum`` or h*w ``addcmul_`` of the
-output's size. On the CPU without autograd two compiled kernels replace eager ops: the
-pool (:func:`_pool`) and ``fused``'s sum (:func:`_shifted_sum`). The counters never see
-them: they count with the eager ops (and element-wise ops are uncounted). FLOPs are counted
-at batch 1 (on the meta device: the CPU's choice, ``grouped`` or, in layer 4, ``fused``).
+one ``stack`` and one ``bmm``, ``fused`` one ``mm`` per phase (under a counter; else the fastest
+GEMM backend, :func:`_tap_gemm`; either: the FLOPs of the original conv), then ``mul``/``sum``
+or h*w ``addcmul_`` of the output's size. On the CPU without autograd two compiled kernels
+replace eager ops: the pool (:func:`_pool`) and ``fused``'s sum (:func:`_shifted_sum`). The
+counters never see them: they count with the eager ops (and element-wise ops are uncounted).
+FLOPs are counted at batch 1 (on the meta device: the CPU's choice, ``grouped`` or, in layer
+4, ``fused``).
 """
 from __future__ import annotations
 
@@ -241,9 +243,9 @@ def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
                  shape: Tuple[int, ...], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_sum_shifted`, compiled where :func:`_compiled_applies` (output elements).
     Eager, it makes h*w passes over the output (one ``addcmul_`` per tap); inductor fuses
-    them into one pass that reads each partial output once and writes O once, in NCHW
-    order (CPU, batch 8, 2026-12-02: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 -> 1.10 ms; see
-    the README)."""
+    them into one pass that reads each partial output once and writes O once (CPU, batch
+    8, 2026-12-02, with positions innermost then: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 ->
+    1.10 ms; see the README)."""
     args = (zs, a, parts, shape, bias)
     if not _compiled_applies(zs[0], shape[0] * shape[1] * shape[2] * shape[3]):
         return _sum_shifted(*args)
@@ -301,7 +303,7 @@ TAP_GEMMS = {"mm": _gemm_mm, "conv": _gemm_conv, "onednn": _gemm_onednn}
 #: ``"auto"`` or one of :data:`TAP_GEMMS` for every tap GEMM (benchmarks, tests)
 TAP_GEMM = "auto"
 
-#: the backend ``auto`` chose, per (rows shape, taps shape, dtype, threads)
+#: the backend ``auto`` chose, per (phase shape and strides, taps shape, dtype, threads)
 _gemm_choice: Dict[Tuple, str] = {}
 
 
@@ -333,17 +335,17 @@ def _time_gemm(fn: Any, xp: torch.Tensor, taps: torch.Tensor) -> float:
 
 def _tap_gemm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """``fused``'s GEMM: ``xp`` (N, Hp, Wp, C1), the channels-last view of one input phase,
-    as (M, C1) rows (M = N*Hp*Wp) times
-    the phase's (T*C2, C1) stacked taps, transposed: (M, T*C2), every tap's partial output
-    at every position, channels innermost. Its speed depends on the BLAS, the host and the
-    shape (CPU, batch 8, 2026-12-03, an AMD EPYC host, 25 shuffled rounds, medians, against
-    the dense 3x3 conv's 9.2 / 9.3 / 12.9 / 10.6 ms: 256x14² mm 14.3, 1x1 conv 10.6, oneDNN
-    matmul 11.4 ms; 512x7² 17.1 / 13.3 / 11.3; 256x28² stride 2, its 4 phases 18.6 / 14.7 /
-    13.0; 512x14² stride 2 14.7 / 15.8 / 12.7; MKL's sgemm, which ``mm`` calls on x86, is
-    slow on AMD), so ``auto`` times the candidates (:func:`_gemm_candidates`) at the first
-    call of each shape -- as ``torch.backends.cudnn.benchmark`` does for convolutions -- and
-    keeps the fastest; the untimed warm-up of a benchmark absorbs it. All give the same
-    product up to float rounding."""
+    as (M, C1) rows (M = N*Hp*Wp) times the phase's (T*C2, C1) stacked taps, transposed:
+    (M, T*C2), every tap's partial output at every position, channels innermost. Its speed
+    depends on the BLAS, the host and the shape (CPU, batch 8, 2026-12-03, an AMD EPYC host, 25
+    shuffled rounds, medians, against the dense 3x3 conv's 9.2 / 9.3 / 12.9 / 10.6 ms:
+    256x14² mm 14.3, 1x1 conv 10.6, oneDNN matmul 11.4 ms; 512x7² 17.1 / 13.3 / 11.3;
+    256x28² stride 2, its 4 phases 18.6 / 14.7 / 13.0; 512x14² stride 2 14.7 / 15.8 / 12.7;
+    MKL's sgemm, which ``mm`` calls on x86, is slow on AMD), so ``auto`` times the
+    candidates (:func:`_gemm_candidates`) at the first call of each shape -- as
+    ``torch.backends.cudnn.benchmark`` does for convolutions -- and keeps the fastest; the
+    untimed warm-up of a benchmark absorbs it. All give the same product up to float
+    rounding."""
     how = TAP_GEMM
     if how == "auto":
         names = _gemm_candidates(xp)
