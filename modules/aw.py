@@ -309,12 +309,14 @@ _gemm_choice: Dict[Tuple, str] = {}
 
 def _gemm_candidates(xp: torch.Tensor) -> List[str]:
     """The backends ``auto`` times: on the CPU in float32 without autograd or a watching
-    counter all three (``onednn`` where this build has the op), else ``mm`` alone."""
+    counter all three (``onednn`` where this build has the op and oneDNN is enabled), else
+    ``mm`` alone."""
     if (xp.device.type != "cpu" or xp.dtype != torch.float32 or _watched()
             or torch.is_grad_enabled()):
         return ["mm"]
     names = ["mm", "conv"]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         names.append("onednn")
     return names
 
