@@ -411,9 +411,9 @@ def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
 @pytest.mark.parametrize("size", [(12, 13), (7, 7), (56, 56), (2, 5), (1, 1)])
 @pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (2, 3)])
 def test_compiled_pool_equals_adaptive_average_pooling(size, kernel, monkeypatch):
-    """F1's pool (eq. 7) as compiled window means: the windows are PyTorch's adaptive
-    ones (overlapping where the size is not a multiple, repeated on maps smaller than the
-    kernel), float64, and a whole AW-conv gives the eager output."""
+    """F1's pool (eq. 7) as compiled window means equals PyTorch's adaptive pool (float64):
+    the same windows, overlapping where the size is not a multiple of the kernel and
+    repeated on maps smaller than it."""
     from attnbench.modules import aw as awmod
     monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
     monkeypatch.setattr(awmod, "_compiled", {})
@@ -426,12 +426,13 @@ def test_compiled_pool_equals_adaptive_average_pooling(size, kernel, monkeypatch
 
 
 def test_aw_forward_with_compiled_kernels_equals_eager(monkeypatch):
+    """A whole AW-conv with its compiled pool (and, for ``fused``, its compiled sum) gives
+    the output of the eager ops (float64)."""
     from attnbench.modules import aw as awmod
     monkeypatch.setattr(awmod, "_compiled", {})
     m = make_aw().eval()
     x = torch.randn(3, 16, 11, 9, dtype=torch.float64)
     with torch.no_grad():
-        monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
         for form in ("grouped", "fused"):
             m.formulation = form
             monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
