@@ -187,21 +187,23 @@ def _nchw(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return out.contiguous()
 
 
-def _watched() -> bool:
-    """Whether a JIT trace, torch.compile or a torch function/dispatch mode (the FLOP and
-    memory counters) records the ops: they then get the plain eager ops."""
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+def _plain_ops_only(t: torch.Tensor) -> bool:
+    """Whether ops on ``t`` must be the plain eager ones (no compiled kernel, no timed
+    backend choice): ``t`` is not on the CPU, autograd records, or a JIT trace,
+    torch.compile or a torch function/dispatch mode (the FLOP and memory counters) watches
+    the ops."""
+    return (t.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch._C._is_torch_function_mode_enabled()
             or _python_dispatch._get_current_dispatch_mode() is not None)
 
 
 def _compiled_applies(t: torch.Tensor, elements: int) -> bool:
-    """Whether a compiled kernel runs on ``t``: a CPU tensor, no autograd, nothing
-    :func:`_watched`, compiling has not failed, and at least ``COMPILED_MIN_ELEMENTS``
-    ``elements``."""
+    """Whether a compiled kernel runs on ``t``: not :func:`_plain_ops_only`, compiling has
+    not failed, and at least ``COMPILED_MIN_ELEMENTS`` ``elements``."""
     limit = COMPILED_MIN_ELEMENTS
-    return (limit is not None and not _compile_failed and t.device.type == "cpu"
-            and elements >= limit and not torch.is_grad_enabled() and not _watched())
+    return (limit is not None and not _compile_failed and elements >= limit
+            and not _plain_ops_only(t))
 
 
 def _signature(args: Any) -> Any:
@@ -311,8 +313,7 @@ def _gemm_candidates(xp: torch.Tensor) -> List[str]:
     """The backends ``auto`` times: on the CPU in float32 without autograd or a watching
     counter all three (``onednn`` where this build has the op and oneDNN is enabled), else
     ``mm`` alone."""
-    if (xp.device.type != "cpu" or xp.dtype != torch.float32 or _watched()
-            or torch.is_grad_enabled()):
+    if xp.dtype != torch.float32 or _plain_ops_only(xp):
         return ["mm"]
     names = ["mm", "conv"]
     if (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
