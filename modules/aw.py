@@ -79,9 +79,11 @@ multiply-adds), ``batch_norm``, ``relu_``, ``conv2d`` or ``linear`` (C1/r -> C2)
 FLOPs of the original conv) and a final ``view``; ``loop`` makes N such convs; ``taps``
 one ``stack`` and one ``bmm``, ``fused`` one ``mm`` per phase (under a counter; else the fastest
 GEMM backend, :func:`_tap_gemm`; either: the FLOPs of the original conv), then ``mul``/``sum``
-or h*w ``addcmul_`` of the output's size. On the CPU without autograd two compiled kernels
-replace eager ops: the pool (:func:`_pool`) and ``fused``'s sum (:func:`_shifted_sum`). The
-counters never see them: they count with the eager ops (and element-wise ops are uncounted).
+or h*w ``addcmul_`` of the output's size. On the CPU without autograd compiled kernels
+replace eager ops: in eval mode all of F1 with 1 + A (``fused``) or K * (1 + A)
+(``grouped``/``loop``) (:func:`_attention_eval`), else the pool (:func:`_pool`); and
+``fused``'s sum (:func:`_shifted_sum`). The counters never see them: they count with the
+eager ops (and element-wise ops are uncounted).
 FLOPs are counted at batch 1 (on the meta device: the CPU's choice, ``grouped`` or, in layer
 4, ``fused``).
 """
@@ -153,16 +155,16 @@ _compiled: Dict[Any, Any] = {}
 _compile_failed = False
 
 
-def _sum_shifted(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
+def _sum_shifted(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
                  shape: Tuple[int, ...], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``fused``'s accumulation: O = sum over taps of (1 + A_t) * Z_t shifted, plus bias, as
     a contiguous (N, C2, Ho, Wo) output. ``zs``: each phase's partial outputs, (N, Hp, Wp,
-    T, C2); ``a``: A as (N, h, w, C2); O is summed channels-innermost, (N, Ho, Wo, C2).
+    T, C2); ``scale``: 1 + A as (N, h, w, C2); O is summed channels-innermost, (N, Ho, Wo,
+    C2).
     ``parts``: per tap (y0, y1, x0, x1, phase, t, j, k, dy, dx), the output rectangle it
     reaches and where it reads, a tap covering all of O first if one does; ``shape``: (C2,
     N, Ho, Wo)."""
     c2, n, ho, wo = shape
-    scale = 1 + a
     out = None
     for y0, y1, x0, x1, p, t, j, k, dy, dx in parts:
         part = zs[p][:, y0 + dy:y1 + dy, x0 + dx:x1 + dx, t]
@@ -241,14 +243,14 @@ def _run_compiled(fn: Any, args: Tuple, eager: Any) -> torch.Tensor:
         return eager()
 
 
-def _shifted_sum(zs: List[torch.Tensor], a: torch.Tensor, parts: Tuple,
+def _shifted_sum(zs: List[torch.Tensor], scale: torch.Tensor, parts: Tuple,
                  shape: Tuple[int, ...], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_sum_shifted`, compiled where :func:`_compiled_applies` (output elements).
     Eager, it makes h*w passes over the output (one ``addcmul_`` per tap); inductor fuses
     them into one pass that reads each partial output once and writes O once (CPU, batch
     8, 2026-12-02, with positions innermost then: 256x14² 2.49 -> 1.22 ms, 512x7² 2.23 ->
     1.10 ms; see the README)."""
-    args = (zs, a, parts, shape, bias)
+    args = (zs, scale, parts, shape, bias)
     if not _compiled_applies(zs[0], shape[0] * shape[1] * shape[2] * shape[3]):
         return _sum_shifted(*args)
     return _run_compiled(_sum_shifted, args, lambda: _sum_shifted(*args))
@@ -273,12 +275,49 @@ def _pool(x: torch.Tensor, pool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
     (:func:`_pool_windows`), which inductor vectorises; PyTorch's NCHW adaptive pool runs
     a scalar loop, about 1.3 ns per element here (CPU, batch 8, 2026-12-03, 30 shuffled
     rounds x 5 calls, medians: 8x64x56² 0.71 -> 0.24 ms, 8x128x56² 1.31 -> 0.63 ms,
-    8x256x14² 0.28 -> 0.18 ms). Else the module itself (its hooks run)."""
-    if not _compiled_applies(x, x.numel()):
+    8x256x14² 0.28 -> 0.18 ms). Else, or if a forward hook would run on it, the module
+    itself."""
+    if not _compiled_applies(x, x.numel()) or _hooked((pool,)):
         return pool(x)
     h, w = _pair(pool.output_size)
     return _run_compiled(_pool_windows, (x, _bins(x.shape[2], h), _bins(x.shape[3], w)),
                          lambda: pool(x))
+
+
+def _bn_eval(y: torch.Tensor, bn: Tuple) -> torch.Tensor:
+    """Eval-mode BN (running statistics) of ``y`` (M, C); ``bn`` = (mean, var, weight,
+    bias, eps), the affine terms None where the BN has none."""
+    return F.batch_norm(y, bn[0], bn[1], bn[2], bn[3], False, 0.0, bn[4])
+
+
+def _attention_eval(x: torch.Tensor, rows: Tuple, cols: Tuple, pc1: Tuple, bn1: Tuple,
+                    pc2: Tuple, bn2: Tuple, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """F1 (eq. 7) in eval mode and what the formulation takes from it, as one function
+    for one compiled kernel (:meth:`AWConv2d._branch_compiles`): the pool's windows
+    (:func:`_pool_windows`), Pointconv1 (``pc1`` = (weight, bias)) on the (N*h*w, C1)
+    rows, BN, ReLU, Pointconv2, BN, sigmoid. Returns 1 + A as (N, h, w, C2) (``fused``'s
+    scales) if ``weight`` is None, else eq. 6's AK = K * (1 + A), (N, C2, C1/g, h, w)."""
+    p = _pool_windows(x, rows, cols)
+    n, c, h, w = p.shape
+    y = p.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    y = F.relu(_bn_eval(F.linear(y, pc1[0].flatten(1), pc1[1]), bn1))
+    y = torch.sigmoid(_bn_eval(F.linear(y, pc2[0].flatten(1), pc2[1]), bn2)).view(n, h, w, -1)
+    if weight is None:
+        return 1 + y
+    return weight * (1 + y.permute(0, 3, 1, 2).unsqueeze(2))
+
+
+#: the branch's module types that :func:`_attention_eval` computes
+_BRANCH_TYPES = (nn.AdaptiveAvgPool2d, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d,
+                 nn.BatchNorm2d, nn.Sigmoid)
+
+
+def _hooked(modules: Any) -> bool:
+    """Whether a forward hook (the modules' own or a global one) would run on
+    ``modules``: a compiled kernel that replaces them would skip it."""
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def _gemm_mm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -473,18 +512,17 @@ class AWConv2d(nn.Module):
                              f"in shape {tuple(x.shape)}")
         if n == 0:  # a grouped conv cannot have groups=0; the plain conv gives the shape
             return self._plain(x)
-        a = self.attention_maps(x)  # from the unpadded input I (Fig. 1b)
-        padding = self.padding
+        x0, padding = x, self.padding  # A comes from the unpadded input I (Fig. 1b)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
         how = self.formulation_for(x, padding)
         if how == "fused" and self.groups == 1:
-            return self._fused(x, a, padding)
+            return self._fused(x, self._weighting(x0, None), padding)
         if how in ("taps", "fused"):  # fused needs groups 1
-            return self._taps(x, a, padding)
+            return self._taps(x, self.attention_maps(x0), padding)
         # F2 (eq. 6): AK = K + A (.) K = K * (1 + A), shape (N, C2, C1/g, h, w)
-        ak = self.weight * (1 + a)
+        ak = self._weighting(x0, self.weight)
         if how == "loop":
             return torch.cat([F.conv2d(x[i:i + 1], ak[i], self.bias, self.stride, padding,
                                        self.dilation, self.groups) for i in range(n)])
@@ -494,6 +532,44 @@ class AWConv2d(nn.Module):
         out = F.conv2d(x.reshape(1, n * c, x.shape[2], x.shape[3]), ak, bias, self.stride,
                        padding, self.dilation, n * self.groups)
         return out.view(n, self.out_channels, out.shape[2], out.shape[3])
+
+    def _branch_compiles(self, x: torch.Tensor) -> bool:
+        """Whether F1 runs as one compiled kernel on ``x`` (:func:`_attention_eval`): the
+        branch in eval mode and as built (its module types, BNs with running statistics),
+        :func:`_compiled_applies` (input elements), no forward hook on its modules, and
+        :meth:`attention_maps` not overridden (by a subclass or on the instance). Eagerly,
+        F1's ten-odd small ops cost ~0.2 ms more per call than the pool alone (CPU, batch
+        8, 2026-12-04, 30 shuffled rounds x 5 calls, medians, 1 + A for ``fused``:
+        256x14² 0.38 -> 0.15 ms, 512x7² 0.40 -> 0.18; K * (1 + A) for ``grouped``: 64x56²
+        0.61 -> 0.40, 128x28² 0.71 -> 0.45)."""
+        mods = tuple(self.branch)
+        if not _compiled_applies(x, x.numel()) or any(m.training for m in mods):
+            return False
+        return (tuple(map(type, mods)) == _BRANCH_TYPES
+                and mods[2].running_mean is not None and mods[5].running_mean is not None
+                and not _hooked(mods + (self.branch,))
+                and type(self).attention_maps is AWConv2d.attention_maps
+                and "attention_maps" not in self.__dict__)
+
+    def _weighting(self, x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """What ``fused`` (``weight`` None: 1 + A as (N, h, w, C2), the partial outputs'
+        order, contiguous) or ``grouped``/``loop`` (eq. 6's AK = K * (1 + A)) takes from F1
+        on input ``x``: :func:`_attention_eval` compiled per shape where
+        :meth:`_branch_compiles`, else from :meth:`attention_maps`."""
+        def eager() -> torch.Tensor:
+            a = self.attention_maps(x)
+            if weight is None:
+                return (1 + a[:, :, 0]).permute(0, 2, 3, 1).contiguous()
+            return weight * (1 + a)
+        if not self._branch_compiles(x):
+            return eager()
+        pool, conv1, bn1, _, conv2, bn2, _ = self.branch
+        h, w = _pair(pool.output_size)
+        args = (x, _bins(x.shape[2], h), _bins(x.shape[3], w), (conv1.weight, conv1.bias),
+                (bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, bn1.eps),
+                (conv2.weight, conv2.bias),
+                (bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, bn2.eps), weight)
+        return _run_compiled(_attention_eval, args, eager)
 
     def formulation_for(self, x: torch.Tensor, padding) -> str:
         """The formulation used for input ``x`` (already padded if not zero-padded)."""
@@ -573,7 +649,7 @@ class AWConv2d(nn.Module):
                 phases.setdefault((a, b), []).append((j, k, dy, dx))
         return [(a, b, taps) for (a, b), taps in sorted(phases.items())]
 
-    def _fused(self, x: torch.Tensor, a: torch.Tensor, padding) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, scale: torch.Tensor, padding) -> torch.Tensor:
         """``taps`` with one plain GEMM per input phase and no shifted copies (groups 1):
         at stride s the input splits into s*s phases (rows a, a + s, ...; columns b, b + s,
         ...), each tap reads one of them, shifted (:meth:`_phases`; at stride 1 the phase
@@ -581,7 +657,8 @@ class AWConv2d(nn.Module):
         each tap's partial output Z_t at every phase position; then O[y, x] = sum_t (1 +
         A_t) * Z_t[y + dy, x + dx] over the positions inside the phase (what falls on the
         zero padding is never computed). The multiply-adds of one dense convolution; the
-        phases together copy the input once.
+        phases together copy the input once. ``scale``: 1 + A as (N, h, w, C2), contiguous
+        (Z's order: no gather in the summing kernel).
 
         Z is channels-innermost, (N, Hp, Wp, T, C2): the GEMM is the phase's (N*Hp*Wp, C1)
         rows times the taps transposed (:func:`_tap_gemm`), and the scaled sum runs along
@@ -607,9 +684,7 @@ class AWConv2d(nn.Module):
                 if y0 < y1 and x0 < x1:  # else the tap reads only zero padding
                     parts.append((y0, y1, x0, x1, len(zs) - 1, t, j, k, dy, dx))
         parts.sort(key=lambda p: p[:4] != (0, ho, 0, wo))  # a tap covering all of O first
-        # A in Z's order, (N, h, w, C2), copied (a gather in the summing kernel otherwise)
-        a = a[:, :, 0].permute(0, 2, 3, 1).contiguous()
-        return _shifted_sum(zs, a, tuple(parts), (c2, n, ho, wo), self.bias)
+        return _shifted_sum(zs, scale, tuple(parts), (c2, n, ho, wo), self.bias)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The replaced convolution with K itself (used for empty batches)."""

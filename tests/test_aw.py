@@ -397,11 +397,11 @@ def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
         monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
         eager = m(x)
         assert seen == [1]                       # eager: the Python function ran
+        ref = loop_forward(m, x, m.attention_maps(x).expand(-1, -1, 16, -1, -1))
         monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
         monkeypatch.setattr(awmod, "_compiled", {})
         compiled = m(x)
-        ref = loop_forward(m, x, m.attention_maps(x).expand(-1, -1, 16, -1, -1))
-    assert {k[0] for k in awmod._compiled} == {awmod._sum_shifted, awmod._pool_windows}
+    assert {k[0] for k in awmod._compiled} == {awmod._sum_shifted, awmod._attention_eval}
     assert not awmod._compile_failed
     assert compiled.is_contiguous() and compiled.shape == ref.shape
     torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
@@ -425,21 +425,86 @@ def test_compiled_pool_equals_adaptive_average_pooling(size, kernel, monkeypatch
     torch.testing.assert_close(out, F.adaptive_avg_pool2d(x, kernel), atol=1e-14, rtol=0)
 
 
-def test_aw_forward_with_compiled_kernels_equals_eager(monkeypatch):
-    """A whole AW-conv with its compiled pool (and, for ``fused``, its compiled sum) gives
-    the output of the eager ops (float64)."""
+@pytest.mark.parametrize("cfg", [dict(), dict(stride=2, bias=True), dict(groups=2),
+                                 dict(padding_mode="reflect", dilation=2)])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_aw_forward_with_compiled_kernels_equals_eager(cfg, mode, monkeypatch):
+    """A whole AW-conv with its compiled kernels gives the output of the eager ops and of
+    the per-sample reference (float64, no autograd), each formulation: in eval mode F1 is
+    one compiled kernel (with 1 + A for ``fused``, K * (1 + A) for ``grouped``/``loop``;
+    here with Pointconv biases and an affine-free BN), in train mode (BN batch statistics)
+    only the pool is."""
     from attnbench.modules import aw as awmod
-    monkeypatch.setattr(awmod, "_compiled", {})
-    m = make_aw().eval()
+    m = make_aw(**cfg).train(mode == "train")
+    m.branch[1].bias = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    bn = nn.BatchNorm2d(4, affine=False).double().train(mode == "train")
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    m.branch[2] = bn
     x = torch.randn(3, 16, 11, 9, dtype=torch.float64)
     with torch.no_grad():
-        for form in ("grouped", "fused"):
+        for form in FORMS:
             m.formulation = form
+            monkeypatch.setattr(awmod, "_compiled", {})
             monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", None)
+            state = copy.deepcopy(m.state_dict())
+            att = m.attention_maps(x)
+            m.load_state_dict(state)  # train mode: undo that call's running-stat update
+            ref = loop_forward(m, x, att.expand(-1, -1, m.weight.shape[1], -1, -1))
+            m.load_state_dict(state)
             eager = m(x)
+            m.load_state_dict(state)
             monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
-            torch.testing.assert_close(m(x), eager, atol=1e-12, rtol=0)
-    assert {k[0] for k in awmod._compiled} == {awmod._pool_windows, awmod._sum_shifted}
+            out = m(x)
+            torch.testing.assert_close(out, eager, atol=1e-12, rtol=0)
+            torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+            kernels = {k[0] for k in awmod._compiled}
+            branch = awmod._attention_eval if mode == "eval" else awmod._pool_windows
+            if form == "taps" or (form == "fused" and m.groups > 1):
+                branch = awmod._pool_windows  # taps takes A itself
+            assert branch in kernels
+            assert (awmod._sum_shifted in kernels) == (form == "fused" and m.groups == 1)
+            assert not awmod._compile_failed
+
+
+def test_compiled_branch_yields_to_hooks_and_overrides(monkeypatch):
+    """F1 stays eager where a compiled kernel would skip something: a forward hook on a
+    branch module (it fires), a global forward hook, an ``attention_maps`` overridden on
+    the instance or by a subclass (it is called), a BN switched to train mode alone."""
+    from attnbench.modules import aw as awmod
+    monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
+    with torch.no_grad():
+        m = make_aw().eval()
+        x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+        assert m._branch_compiles(x)
+        fired = []
+        handle = m.branch[0].register_forward_hook(lambda *a: fired.append("pool"))
+        m(x)
+        assert not m._branch_compiles(x) and fired == ["pool"]
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        try:
+            assert not m._branch_compiles(x)
+        finally:
+            handle.remove()
+        assert m._branch_compiles(x)
+
+        class Mine(AWConv2d):
+            def attention_maps(self, inp):
+                fired.append("subclass")
+                return super().attention_maps(inp)
+        sub = Mine(nn.Conv2d(16, 24, 3, padding=1, bias=False), reduction=4).double().eval()
+        sub(x)
+        assert fired[-1] == "subclass" and not sub._branch_compiles(x)
+        m.attention_maps = lambda inp: fired.append("instance") or AWConv2d.attention_maps(m, inp)
+        m(x)
+        assert fired[-1] == "instance" and not m._branch_compiles(x)
+        del m.attention_maps
+        m.branch[5].train()
+        assert not m._branch_compiles(x)
+        m.branch[5].eval()
+        assert m._branch_compiles(x)
+    assert not m._branch_compiles(x)  # autograd records
 
 
 def _backends():
