@@ -401,7 +401,7 @@ def test_compiled_accumulation_equals_eager_and_the_reference(cfg, monkeypatch):
         monkeypatch.setattr(awmod, "COMPILED_MIN_ELEMENTS", 0)
         monkeypatch.setattr(awmod, "_compiled", {})
         compiled = m(x)
-    assert {k[0] for k in awmod._compiled} == {awmod._sum_shifted, awmod._attention_eval}
+    assert {k[0] for k in awmod._compiled} == {awmod._sum_padded, awmod._attention_eval}
     assert not awmod._compile_failed
     assert compiled.is_contiguous() and compiled.shape == ref.shape
     torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=0)
@@ -463,7 +463,7 @@ def test_aw_forward_with_compiled_kernels_equals_eager(cfg, mode, monkeypatch):
             if form == "taps" or (form == "fused" and m.groups > 1):
                 branch = awmod._pool_windows  # taps takes A itself
             assert branch in kernels
-            assert (awmod._sum_shifted in kernels) == (form == "fused" and m.groups == 1)
+            assert (awmod._sum_padded in kernels) == (form == "fused" and m.groups == 1)
             assert not awmod._compile_failed
 
 
