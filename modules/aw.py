@@ -366,6 +366,9 @@ TAP_GEMMS = {"mm": _gemm_mm, "conv": _gemm_conv, "onednn": _gemm_onednn}
 #: ``"auto"`` or one of :data:`TAP_GEMMS` for every tap GEMM (benchmarks, tests)
 TAP_GEMM = "auto"
 
+#: rounds of :func:`_fastest`, the timing behind ``auto``
+GEMM_TIMING_ROUNDS = 5
+
 #: the backend ``auto`` chose, per (phase shape and strides, taps shape, dtype, threads)
 _gemm_choice: Dict[Tuple, str] = {}
 
@@ -383,18 +386,24 @@ def _gemm_candidates(xp: torch.Tensor) -> List[str]:
     return names
 
 
-def _time_gemm(fn: Any, xp: torch.Tensor, taps: torch.Tensor) -> float:
-    """The fastest of 3 timed calls after a warm one (seconds), or inf if it fails."""
-    try:
-        fn(xp, taps)
-        best = float("inf")
-        for _ in range(3):
+def _fastest(names: List[str], xp: torch.Tensor, taps: torch.Tensor) -> str:
+    """The backend of ``names`` with the least time over ``GEMM_TIMING_ROUNDS`` rounds
+    after a warm call each, every round timing each once in turn (interleaved, so a
+    stretch of load on this shared machine slows all of them, and the minimum, which
+    noise only raises). A backend this build cannot run is not chosen."""
+    best = {}
+    for name in names:
+        try:
+            TAP_GEMMS[name](xp, taps)
+            best[name] = float("inf")
+        except Exception:  # noqa: BLE001
+            continue
+    for _ in range(GEMM_TIMING_ROUNDS):
+        for name in best:
             t0 = time.perf_counter()
-            fn(xp, taps)
-            best = min(best, time.perf_counter() - t0)
-        return best
-    except Exception:  # noqa: BLE001 - a backend this build cannot run is not chosen
-        return float("inf")
+            TAP_GEMMS[name](xp, taps)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.get) if best else "mm"
 
 
 def _tap_gemm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -405,8 +414,10 @@ def _tap_gemm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     shuffled rounds, medians, against the dense 3x3 conv's 9.2 / 9.3 / 12.9 / 10.6 ms:
     256x14² mm 14.3, 1x1 conv 10.6, oneDNN matmul 11.4 ms; 512x7² 17.1 / 13.3 / 11.3;
     256x28² stride 2, its 4 phases 18.6 / 14.7 / 13.0; 512x14² stride 2 14.7 / 15.8 / 12.7;
-    MKL's sgemm, which ``mm`` calls on x86, is slow on AMD), so ``auto`` times the
-    candidates (:func:`_gemm_candidates`) at the first call of each shape -- as
+    MKL's sgemm, which ``mm`` calls on x86, is slow on AMD; on 2026-12-04's Intel Xeon host
+    ``mm`` was the fastest at stride 1, the whole ``fused`` call 256x14² 5.5-5.9 ms against
+    6.2-6.8 with oneDNN's matmul), so ``auto`` times the candidates
+    (:func:`_gemm_candidates`, :func:`_fastest`) at the first call of each shape -- as
     ``torch.backends.cudnn.benchmark`` does for convolutions -- and keeps the fastest; the
     untimed warm-up of a benchmark absorbs it. All give the same product up to float
     rounding."""
@@ -420,8 +431,7 @@ def _tap_gemm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
                    torch.get_num_threads())
             how = _gemm_choice.get(key)
             if how is None:
-                times = {k: _time_gemm(TAP_GEMMS[k], xp, taps) for k in names}
-                how = _gemm_choice[key] = min(times, key=times.get)
+                how = _gemm_choice[key] = _fastest(names, xp, taps)
     return TAP_GEMMS[how](xp, taps)
 
 

@@ -555,19 +555,40 @@ def test_auto_tap_gemm_times_the_candidates_once_per_shape(monkeypatch):
     from attnbench.modules import aw as awmod
     monkeypatch.setattr(awmod, "_gemm_choice", {})
     timed = []
-    real = awmod._time_gemm
-    monkeypatch.setattr(awmod, "_time_gemm", lambda fn, *a: timed.append(fn) or real(fn, *a))
+    real = awmod._fastest
+    monkeypatch.setattr(awmod, "_fastest", lambda names, *a: timed.append(names) or real(names, *a))
     xp, taps = torch.randn(2, 16, 5, 6).permute(0, 2, 3, 1), torch.randn(48, 16)
     with torch.no_grad():
         awmod._tap_gemm(xp, taps)
         awmod._tap_gemm(xp, taps)
-        assert len(timed) == len(awmod._gemm_candidates(xp)) >= 2
+        assert timed == [awmod._gemm_candidates(xp)] and len(timed[0]) >= 2
         (choice,) = awmod._gemm_choice.values()
         assert choice in awmod._gemm_candidates(xp)
         assert awmod._gemm_candidates(xp.double()) == ["mm"]
         with _Passthrough():
             assert awmod._gemm_candidates(xp) == ["mm"]
     assert awmod._gemm_candidates(xp) == ["mm"]                      # grad enabled
+
+
+def test_gemm_timing_keeps_the_fastest_backend_that_runs(monkeypatch):
+    """The tuner's choice: a backend that is slower in every round loses, one that raises
+    is never chosen, and with none that runs ``mm`` is kept."""
+    import time
+    from attnbench.modules import aw as awmod
+
+    def slow(xp, taps):
+        time.sleep(0.002)
+        return awmod._gemm_mm(xp, taps)
+
+    def broken(xp, taps):
+        raise RuntimeError("not in this build")
+    monkeypatch.setitem(awmod.TAP_GEMMS, "slow", slow)
+    monkeypatch.setitem(awmod.TAP_GEMMS, "broken", broken)
+    xp, taps = torch.randn(2, 16, 5, 6).permute(0, 2, 3, 1), torch.randn(48, 16)
+    with torch.no_grad():
+        assert awmod._fastest(["slow", "broken", "mm"], xp, taps) == "mm"
+        assert awmod._fastest(["broken", "slow"], xp, taps) == "slow"
+        assert awmod._fastest(["broken"], xp, taps) == "mm"
 
 
 class _Passthrough(torch.overrides.TorchFunctionMode):
