@@ -98,6 +98,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 from torch.utils import _python_dispatch
 
@@ -347,8 +348,7 @@ _BRANCH_TYPES = (nn.AdaptiveAvgPool2d, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Co
 def _hooked(modules: Any) -> bool:
     """Whether a forward hook (the modules' own or a global one) would run on
     ``modules``: a compiled kernel that replaces them would skip it."""
-    from torch.nn.modules import module as _m
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
