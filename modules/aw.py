@@ -286,6 +286,12 @@ def _bins(size: int, out: int) -> Tuple[Tuple[int, int], ...]:
     return tuple(((i * size) // out, -(-(i + 1) * size // out)) for i in range(out))
 
 
+def _windows(x: torch.Tensor, pool: nn.AdaptiveAvgPool2d) -> Tuple[Tuple, Tuple]:
+    """``pool``'s row and column windows on ``x`` (:func:`_bins`), for :func:`_pool_windows`."""
+    h, w = _pair(pool.output_size)
+    return _bins(x.shape[2], h), _bins(x.shape[3], w)
+
+
 def _pool_windows(x: torch.Tensor, rows: Tuple, cols: Tuple) -> torch.Tensor:
     """The mean of each (row window, column window) of x: (N, C, len(rows), len(cols)).
     Summed over each row window first (whole rows added, vectors along W), then over each
@@ -312,9 +318,7 @@ def _pool(x: torch.Tensor, pool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
     itself."""
     if not _compiled_applies(x, x.numel()) or _hooked((pool,)):
         return pool(x)
-    h, w = _pair(pool.output_size)
-    return _run_compiled(_pool_windows, (x, _bins(x.shape[2], h), _bins(x.shape[3], w)),
-                         lambda: pool(x))
+    return _run_compiled(_pool_windows, (x, *_windows(x, pool)), lambda: pool(x))
 
 
 def _bn_eval(y: torch.Tensor, bn: Tuple) -> torch.Tensor:
@@ -606,8 +610,7 @@ class AWConv2d(nn.Module):
         if not self._branch_compiles(x):
             return eager()
         pool, conv1, bn1, _, conv2, bn2, _ = self.branch
-        h, w = _pair(pool.output_size)
-        args = (x, _bins(x.shape[2], h), _bins(x.shape[3], w), (conv1.weight, conv1.bias),
+        args = (x, *_windows(x, pool), (conv1.weight, conv1.bias),
                 (bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, bn1.eps),
                 (conv2.weight, conv2.bias),
                 (bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, bn2.eps), weight)
