@@ -98,11 +98,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 from torch.utils import _python_dispatch
 
-from .common import check_4d, linear_1x1, reduced
+from .common import check_4d, hooked as _hooked, linear_1x1, reduced
 from .registry import OptionError, register
 
 
@@ -347,13 +346,6 @@ def _attention_eval(x: torch.Tensor, rows: Tuple, cols: Tuple, pc1: Tuple, bn1: 
 #: the branch's module types that :func:`_attention_eval` computes
 _BRANCH_TYPES = (nn.AdaptiveAvgPool2d, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d,
                  nn.BatchNorm2d, nn.Sigmoid)
-
-
-def _hooked(modules: Any) -> bool:
-    """Whether a forward hook (the modules' own or a global one) would run on
-    ``modules``: a compiled kernel that replaces them would skip it."""
-    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def _gemm_mm(xp: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:

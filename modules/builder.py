@@ -20,7 +20,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .common import check_4d
+from .common import check_4d, gate_residual
 from .registry import REGISTRY, ModuleSpec, OptionError, UnknownNameError, unknown_name_message
 
 BACKBONES = {
@@ -115,14 +115,14 @@ def _layer_number(key: Any, who: str) -> int:
 
 
 class _GatedBottleneck(Bottleneck):
-    """torchvision Bottleneck with ``self.attention`` after bn3, before the addition."""
+    """torchvision Bottleneck with ``self.attention`` after bn3, before the addition
+    (:func:`~attnbench.modules.common.gate_residual`: gate and addition in one pass)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.attention(self.bn3(self.conv3(out)))
-        return self.relu(out + identity)
+        return self.relu(gate_residual(self.attention, self.bn3(self.conv3(out)), identity))
 
 
 class _GatedBasicBlock(BasicBlock):
@@ -131,8 +131,7 @@ class _GatedBasicBlock(BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attention(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
+        return self.relu(gate_residual(self.attention, self.bn2(self.conv2(out)), identity))
 
 
 def block_out_channels(block: nn.Module) -> int:

@@ -11,13 +11,13 @@ reference implementation.
 import torch
 from torch import nn
 
-from .common import bottleneck_mlp, check_4d, reduced
+from .common import ProductGate, bottleneck_mlp, check_4d, reduced
 from .registry import OptionError, register
 
 
 @register("cbam", "gate", defaults={"reduction": 16, "kernel_size": 7},
           paper="Woo et al., CBAM: Convolutional Block Attention Module, ECCV 2018 (eq. 1-3)")
-class CBAMGate(nn.Module):
+class CBAMGate(ProductGate):
     """Channel attention (avg+max pooled shared MLP) then spatial attention (7x7 conv)."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
@@ -31,11 +31,13 @@ class CBAMGate(nn.Module):
             nn.BatchNorm2d(1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def multiplicands(self, x: torch.Tensor):
+        """``(x', s)``: the output is ``x' * s``, x' the channel-gated map (eq. 2) and s
+        its (N, 1, H, W) spatial weights (eq. 3)."""
         check_4d(x, "cbam")
         n = x.shape[0]
         # the shared MLP once on the 2N stacked descriptors (avg rows, then max rows)
         both = self.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)]))
         x = x * torch.sigmoid(both[:n] + both[n:])
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.spatial(pooled))
+        return x, torch.sigmoid(self.spatial(pooled))

@@ -1,9 +1,12 @@
 """Small pieces shared by several attention modules."""
 from __future__ import annotations
 
+from typing import Iterable, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .registry import OptionError
 
@@ -13,6 +16,57 @@ def check_4d(x: torch.Tensor, who: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got shape {shape}")
+
+
+def hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook (the modules' own or a global one) would run on ``modules``:
+    a fast path that skips their ``__call__`` would skip it too."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+class ProductGate(nn.Module):
+    """A gate whose output is the product ``a * b`` of two broadcastable tensors that
+    :meth:`multiplicands` returns (SE, ECA, FCA: the input and its (N, C, 1, 1) scale;
+    CBAM: the channel-gated map and its (N, 1, H, W) spatial scale). The gated blocks
+    then add the residual in the same pass (:func:`gate_residual`: one ``torch.addcmul``
+    instead of a multiplication and an addition, each a pass over the block's output).
+    A plugin gate may subclass it the same way; any other gate is called as it is."""
+
+    def multiplicands(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.multiplicands(x)
+        return a * b
+
+
+def _fusable(gate: nn.Module) -> bool:
+    """A :class:`ProductGate` whose ``forward`` is still the product (not overridden by a
+    subclass or on the instance) and on which no forward hook would run."""
+    return (isinstance(gate, ProductGate) and type(gate).forward is ProductGate.forward
+            and "forward" not in gate.__dict__ and not hooked((gate,)))
+
+
+def gate_residual(gate: nn.Module, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """``gate(x) + identity``, the end of a gated residual block before its ReLU.
+
+    A :class:`ProductGate` gives ``a * b + identity`` as one ``torch.addcmul``: without
+    autograd it writes into ``x`` (the block's own last-BN output, as torchvision's
+    ``out += identity`` writes into its own), under autograd into a new tensor (``a``
+    may be ``x``, which the product's gradient needs). Any other gate is called, then
+    the residual is added in place without autograd (as torchvision and timm's blocks
+    do) and out of place under it (a plugin's output may be saved for its backward).
+    The same values as ``gate(x) + identity`` up to float rounding (addcmul may round
+    the product and the sum once, fused)."""
+    grad = torch.is_grad_enabled()
+    if _fusable(gate):
+        a, b = gate.multiplicands(x)
+        if grad or x.shape != identity.shape:
+            return torch.addcmul(identity, a, b)
+        return torch.addcmul(identity, a, b, out=x)
+    out = gate(x)
+    return out + identity if grad else out.add_(identity)
 
 
 def reduced(channels: int, reduction: int, who: str, option: str = "reduction") -> int:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from .common import check_4d
+from .common import ProductGate, check_4d
 from .registry import OptionError, register
 
 
@@ -21,7 +21,7 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 @register("eca", "gate", defaults={"gamma": 2, "b": 1, "kernel_size": 0},
           paper="Wang et al., ECA-Net, CVPR 2020 (eq. 12)")
-class ECAGate(nn.Module):
+class ECAGate(ProductGate):
     """GAP, 1-D conv of adaptive size across channels, sigmoid."""
 
     def __init__(self, channels: int, gamma: int = 2, b: int = 1, kernel_size: int = 0):
@@ -34,8 +34,9 @@ class ECAGate(nn.Module):
                               f"(0 picks it from the channel count)")
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def multiplicands(self, x: torch.Tensor):
+        """``(x, s)``: the output is ``x * s``, s the (N, C, 1, 1) channel weights."""
         check_4d(x, "eca")
         y = x.mean((2, 3)).unsqueeze(1)                    # (N, 1, C)
         y = self.conv(y).squeeze(1)                        # (N, C)
-        return x * torch.sigmoid(y)[:, :, None, None]
+        return x, torch.sigmoid(y)[:, :, None, None]

@@ -20,9 +20,8 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
-from .common import bottleneck_mlp, check_4d, reduced
+from .common import ProductGate, bottleneck_mlp, check_4d, reduced
 from .registry import OptionError, register
 
 TOP16_U = (0, 0, 6, 0, 0, 1, 1, 4, 5, 1, 3, 0, 0, 0, 3, 2)
@@ -76,7 +75,7 @@ def pulled_back(filters: torch.Tensor, h: int, w: int) -> torch.Tensor:
           paper="Qin et al., FcaNet: Frequency Channel Attention Networks, ICCV 2021 "
                 "(eq. 6-8, top-16)",
           label=lambda o: "FCA-TS" if o["n_freq"] == 16 else f"FCA(n_freq={o['n_freq']})")
-class FCAGate(nn.Module):
+class FCAGate(ProductGate):
     """Multi-spectral (DCT) pooling of channel groups, then SE's excitation."""
 
     def __init__(self, channels: int, reduction: int = 16, n_freq: int = 16,
@@ -92,10 +91,12 @@ class FCAGate(nn.Module):
         self.register_buffer("dct", dct_filters(channels, size, n_freq))
         self.fc = bottleneck_mlp(channels, reduced(channels, reduction, "fca"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def multiplicands(self, x: torch.Tensor):
+        """``(x, s)``: the output is ``x * s``, s the (N, C, 1, 1) excitation of the DCT
+        pooling."""
         check_4d(x, "fca")
         y = (x * self.filters_for(x)).sum((2, 3), keepdim=True)
-        return x * torch.sigmoid(self.fc(y))
+        return x, torch.sigmoid(self.fc(y))
 
     def filters_for(self, x: torch.Tensor) -> torch.Tensor:
         """The DCT filters for ``x``'s map size: the buffer itself at the DCT size, else

@@ -1,0 +1,160 @@
+"""The gated blocks' end, gate(x) + identity, with a ProductGate's product folded into the
+addition (modules/common.py ``gate_residual``): the same values and gradients as the
+plain product and sum, in float64 and float32, with and without autograd; hooks, overridden
+forwards and other gates keep their plain call."""
+import pytest
+import torch
+from torch import nn
+
+from attnbench.modules import build_model
+from attnbench.modules.builder import _GatedBottleneck
+from attnbench.modules.cbam import CBAMGate
+from attnbench.modules.common import ProductGate, gate_residual
+from attnbench.modules.eca import ECAGate
+from attnbench.modules.fca import FCAGate
+from attnbench.modules.se import SEGate
+
+GATES = {"se": lambda c: SEGate(c, 4), "cbam": lambda c: CBAMGate(c, 4),
+         "eca": lambda c: ECAGate(c),
+         "fca": lambda c: FCAGate(c, reduction=4, n_freq=4, dct_size=7)}
+
+
+def _gate(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    g = GATES[name](32).to(dtype).eval()
+    return g
+
+
+def _reference(gate, x, identity):
+    a, b = gate.multiplicands(x.double())
+    return a * b + identity.double()
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_product_gate_forward_is_its_multiplicands_product(name):
+    g = _gate(name, torch.float64)
+    x = torch.randn(3, 32, 7, 9, dtype=torch.float64)
+    a, b = g.multiplicands(x)
+    assert b.shape in ((3, 32, 1, 1), (3, 1, 7, 9))
+    torch.testing.assert_close(g(x), a * b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(GATES))
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_residual_equals_float64_reference(name, grad):
+    g = _gate(name)
+    x = torch.randn(4, 32, 7, 7)
+    identity = torch.randn(4, 32, 7, 7)
+    expected = _reference(_gate(name, torch.float64), x, identity)
+    with torch.set_grad_enabled(grad):
+        kept = x.clone()
+        out = gate_residual(g, x, identity)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    if grad:  # under autograd the block's BN output is left as it was
+        assert torch.equal(x, kept)
+    else:     # without it the sum is written into the block's own BN output
+        assert out.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_fused_block_gradients_equal_the_plain_products(name):
+    torch.manual_seed(1)
+    model = build_model("resnet18", name, num_classes=5).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads(hook: bool):
+        m = build_model("resnet18", name, num_classes=5).train()
+        m.load_state_dict(model.state_dict())
+        if hook:  # a hook on every gate turns the fused path off: gate(x), then + identity
+            for mod in m.modules():
+                if isinstance(mod, ProductGate):
+                    mod.register_forward_hook(lambda *a: None)
+        out = m(x)
+        out.square().sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    fused_out, fused = grads(False)
+    plain_out, plain = grads(True)
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    for k in plain:
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_whole_model_eval_output_unchanged_by_fusion(name):
+    torch.manual_seed(2)
+    m = build_model("resnet50", name, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = m(x)
+        seen = []
+        for mod in m.modules():
+            if isinstance(mod, ProductGate):
+                mod.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+        plain = m(x)
+    assert len(seen) == 16  # every gate's hook ran: the fusion yields to hooks
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_overridden_forward_is_called():
+    calls = []
+
+    class Halved(SEGate):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x) * 0.5
+
+    g, x, identity = Halved(32, 4).eval(), torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+    with torch.no_grad():
+        expected = g(x) + identity
+        calls.clear()
+        out = gate_residual(g, x.clone(), identity)
+    assert calls == [1]
+    torch.testing.assert_close(out, expected)
+
+    inst = SEGate(32, 4).eval()
+    inst.forward = lambda x: torch.zeros_like(x)  # on the instance
+    with torch.no_grad():
+        assert torch.equal(gate_residual(inst, x.clone(), identity), identity)
+
+
+class ExpGate(nn.Module):
+    """Not a ProductGate; ``exp`` keeps its own output for its backward, so an in-place
+    residual addition under autograd would break the backward pass."""
+
+    def forward(self, x):
+        return torch.exp(x * 0.1)
+
+
+def test_other_gates_train_and_add_in_place_only_without_autograd():
+    g = ExpGate()
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    identity = torch.randn(2, 8, 4, 4)
+    out = gate_residual(g, x, identity)
+    out.sum().backward()  # raises if the addition had modified exp's saved output
+    torch.testing.assert_close(x.grad, 0.1 * torch.exp(x.detach() * 0.1))
+    with torch.no_grad():
+        y = x.detach().clone()
+        out = gate_residual(g, y, identity)
+    torch.testing.assert_close(out, torch.exp(y * 0.1) + identity)
+    assert torch.equal(y, x.detach())  # the gate's input is not written
+
+
+def test_gated_block_in_a_model_uses_the_fused_path():
+    m = build_model("resnet50", "se", num_classes=10).eval()
+    blocks = [b for b in m.modules() if isinstance(b, _GatedBottleneck)]
+    assert len(blocks) == 16
+    calls = []
+    orig = SEGate.multiplicands
+
+    def spy(self, x):
+        calls.append(1)
+        return orig(self, x)
+
+    SEGate.multiplicands = spy
+    try:
+        with torch.no_grad():
+            m(torch.randn(1, 3, 64, 64))
+    finally:
+        SEGate.multiplicands = orig
+    assert len(calls) == 16
