@@ -99,9 +99,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
-from torch.utils import _python_dispatch
 
-from .common import check_4d, hooked as _hooked, linear_1x1, reduced
+from .common import check_4d, hooked as _hooked, linear_1x1, reduced, watched
 from .registry import OptionError, register
 
 
@@ -196,9 +195,7 @@ def _plain_ops_only(t: torch.Tensor) -> bool:
     torch.compile or a torch function/dispatch mode (the FLOP and memory counters) watches
     the ops."""
     return (t.device.type != "cpu" or torch.is_grad_enabled()
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch._C._is_torch_function_mode_enabled()
-            or _python_dispatch._get_current_dispatch_mode() is not None)
+            or torch.compiler.is_compiling() or watched())
 
 
 def _compiled_applies(t: torch.Tensor, elements: int) -> bool:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
+from torch.utils import _python_dispatch
 
 from .registry import OptionError
 
@@ -16,6 +17,16 @@ def check_4d(x: torch.Tensor, who: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got shape {shape}")
+
+
+def watched() -> bool:
+    """Whether a JIT trace or a torch function/dispatch mode watches the ops (the FLOP
+    counters: fvcore traces, ptflops' rules are a function mode, ``FlopCounterMode`` a
+    dispatch mode). A module whose fast path uses other ops than the authors' expression
+    then runs the authors' one, so every counter's convention counts it as it counts
+    their code."""
+    return (torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
+            or _python_dispatch._get_current_dispatch_mode() is not None)
 
 
 def hooked(modules: Iterable[nn.Module]) -> bool:

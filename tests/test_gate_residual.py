@@ -158,3 +158,31 @@ def test_gated_block_in_a_model_uses_the_fused_path():
     finally:
         SEGate.multiplicands = orig
     assert len(calls) == 16
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 7, 7), (3, 64, 9, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fca_dct_pool_equals_authors_product_sum_in_float64(shape, channels_last):
+    from attnbench.modules.fca import dct_pool
+    torch.manual_seed(3)
+    x = torch.randn(shape, requires_grad=True)
+    f = torch.randn(shape[1:])
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = dct_pool(xin, f)
+    assert y.shape == (shape[0], shape[1], 1, 1)
+    ref = (x.double() * f.double()).sum((2, 3), keepdim=True)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), 2 * ref * f.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_fca_dct_pool_is_the_authors_expression_under_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    from attnbench.modules.fca import dct_pool
+    x, f = torch.randn(2, 16, 7, 7), torch.randn(16, 7, 7)
+    with FlopCounterMode(display=False) as counter:
+        dct_pool(x, f)
+    assert counter.get_total_flops() == 0  # mul + sum: no matmul for the stock counter
+    with FlopCounterMode(display=False) as counter:
+        torch.bmm(x.flatten(2).transpose(0, 1), f.reshape(16, -1, 1))
+    assert counter.get_total_flops() == 2 * 2 * 16 * 49  # what the fast path would count

@@ -133,15 +133,18 @@ def test_plain_weights_load_non_strict_into_td():
 
 @pytest.mark.parametrize("variant", ["joint", "top"])
 @pytest.mark.parametrize("train", [False, True])
-def test_forward_follows_eq_4_to_8(variant, train):
-    """T=2, m=1 Bottleneck against a direct transcription of eq. 1-8."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_follows_eq_4_to_8(variant, train, grad):
+    """T=2, m=1 Bottleneck against a direct transcription of eq. 1-8 (without autograd eq.
+    8's product is written in place)."""
     plain = _plain_block("bottleneck")
     _randomise_bn(plain)
     td = TDBlock(plain, variant=variant, steps=2, m=1).train(train)
     _randomise_bn(td.bn_steps)
     ref = copy.deepcopy(td)  # BN running stats update in train mode: separate copies
     x = torch.randn(2, 512, 8, 8)
-    out = td(x)
+    with torch.set_grad_enabled(grad):
+        out = td(x)
 
     relu = torch.relu
     bottom = relu(ref.bn2(ref.conv2(relu(ref.bn1(ref.conv1(x))))))
