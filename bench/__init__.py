@@ -15,15 +15,15 @@ if __name__ != "attnbench":  # imported as the old top-level ``bench``
                       "use `import attnbench` / `from attnbench import ...`")
 
 from attnbench.modules import (BACKBONES, AttnbenchError, ModuleSpec, OptionError,  # noqa: E402
-                               RegistrationError, UnknownNameError, build_model, get,
-                               list_modules, register, resolve_stages)
+                               ProductGate, RegistrationError, UnknownNameError, build_model,
+                               get, list_modules, register, resolve_stages)
 from attnbench.plugins.loader import load_all as load_plugins  # noqa: E402
 from attnbench.plugins.loader import load_plugin  # noqa: E402
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "BACKBONES", "AttnbenchError", "ModuleSpec", "OptionError", "RegistrationError",
+    "BACKBONES", "AttnbenchError", "ModuleSpec", "OptionError", "ProductGate", "RegistrationError",
     "UnknownNameError", "build_model", "get", "list_modules", "register", "resolve_stages",
     "load_plugin", "load_plugins", "__version__",
 ]

@@ -13,7 +13,8 @@ from .registry import (REGISTRY, AttnbenchError, ModuleSpec, OptionError, Regist
                        UnknownNameError, get, list_modules, register)
 from . import se, cbam, eca, fca, td, aw, tdaf  # noqa: F401  (registration side effects)
 from .builder import BACKBONES, build_model, resolve_stages
+from .common import ProductGate
 
 __all__ = ["REGISTRY", "AttnbenchError", "ModuleSpec", "OptionError", "RegistrationError",
            "UnknownNameError", "get", "list_modules", "register", "build_model",
-           "resolve_stages", "BACKBONES"]
+           "resolve_stages", "BACKBONES", "ProductGate"]

@@ -172,9 +172,7 @@ class TDBlock(nn.Module):
         scaled = bottom * torch.sigmoid(s)                                     # eq. 6
         a = torch.matmul(s.reshape(n, 1, c), scaled.reshape(n, c, h * w))      # eq. 7
         a = a.reshape(n, 1, h, w)
-        if torch.is_grad_enabled():  # the product's gradient needs ``scaled``
-            return scaled * torch.sigmoid(a), a                                # eq. 8
-        return scaled.mul_(torch.sigmoid(a)), a  # in place: ``scaled`` is this call's own
+        return scaled * torch.sigmoid(a), a                                    # eq. 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d(x, "td")

@@ -186,3 +186,23 @@ def test_fca_dct_pool_is_the_authors_expression_under_a_flop_counter():
     with FlopCounterMode(display=False) as counter:
         torch.bmm(x.flatten(2).transpose(0, 1), f.reshape(16, -1, 1))
     assert counter.get_total_flops() == 2 * 2 * 16 * 49  # what the fast path would count
+
+
+def test_a_plugin_product_gate_from_the_public_api_is_fused():
+    import attnbench
+
+    class Halving(attnbench.ProductGate):  # a user's gate, outside the package
+        calls = 0
+
+        def multiplicands(self, x):
+            Halving.calls += 1
+            return x, torch.full((x.shape[0], x.shape[1], 1, 1), 0.5)
+
+    g = Halving()
+    x, identity = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    expected = x * 0.5 + identity
+    with torch.no_grad():
+        out = gate_residual(g, x, identity)
+    assert Halving.calls == 1
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(g(torch.ones(1, 4, 2, 2)), torch.full((1, 4, 2, 2), 0.5))
