@@ -71,18 +71,28 @@ def pulled_back(filters: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(ph.T @ f @ pw))  # two GEMMs per channel
 
 
+#: fewest samples from which :func:`dct_pool` runs as a ``bmm`` (CPU, 2 threads, caches
+#: flushed, 25 shuffled rounds, medians, 2026-12-04: at batch 1 the ``bmm`` took 0.99 ms
+#: against the product-sum's 0.43 at 256x56²; at batch 2 the two were within 20 % either
+#: way; from batch 4 on the ``bmm`` was faster on every stage's map, 0.63 against 1.06 ms at
+#: 4x256x56², 0.99 against 2.46 at 8x256x56², 0.17 against 0.26 at 8x2048x7²)
+BMM_MIN_BATCH = 4
+
+
 def dct_pool(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    """(N, C, 1, 1): each channel's map weighted by its filter and summed (eq. 6-8), as one
-    matrix-vector product per channel (``bmm``): a single read of ``x``, without the
-    authors' ``(x * filters)`` temporary of the map's size (CPU, 2 threads, batch 8, caches
-    flushed: 1.0 against 2.5 ms at 256x56², 0.17 against 0.26 ms at 2048x7²; 25 shuffled
-    rounds, medians, 2026-12-04). Where a FLOP counter watches (:func:`watched`) it is the
-    authors' ``(x * filters).sum((2, 3))``, so each counter counts what it counts on their
-    code (stock fvcore: nothing for the sum; the suite's rule: the same C*H*W
-    multiply-adds as the product here)."""
-    if watched():
-        return (x * filters).sum((2, 3), keepdim=True)
+    """(N, C, 1, 1): each channel's map weighted by its filter and summed (eq. 6-8).
+
+    Without autograd, from :data:`BMM_MIN_BATCH` samples on, one matrix-vector product per
+    channel (``bmm``): a single read of ``x``, without the authors' ``(x * filters)``
+    temporary of the map's size. Otherwise the authors' ``(x * filters).sum((2, 3))``:
+    under autograd (the ``bmm``'s gradient comes out channel-major and is copied back; it
+    measured no faster in training), below that batch (the ``bmm`` costs about the same
+    per channel whatever the batch), and where a FLOP counter watches (:func:`watched`),
+    so each counter counts what it counts on their code (stock fvcore: nothing for the
+    sum; the suite's rule: the same C*H*W multiply-adds as the ``bmm``)."""
     n, c = x.shape[:2]
+    if n < BMM_MIN_BATCH or torch.is_grad_enabled() or watched():
+        return (x * filters).sum((2, 3), keepdim=True)
     y = torch.bmm(x.flatten(2).transpose(0, 1), filters.reshape(c, -1, 1))  # (C, N, 1)
     return y.view(c, n).t()[:, :, None, None]
 

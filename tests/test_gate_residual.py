@@ -160,32 +160,49 @@ def test_gated_block_in_a_model_uses_the_fused_path():
     assert len(calls) == 16
 
 
-@pytest.mark.parametrize("shape", [(1, 32, 7, 7), (3, 64, 9, 5)])
+@pytest.mark.parametrize("shape", [(1, 32, 7, 7), (4, 64, 9, 5), (9, 16, 3, 3)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fca_dct_pool_equals_authors_product_sum_in_float64(shape, channels_last):
+@pytest.mark.parametrize("grad", [False, True])
+def test_fca_dct_pool_equals_authors_product_sum_in_float64(shape, channels_last, grad):
     from attnbench.modules.fca import dct_pool
     torch.manual_seed(3)
-    x = torch.randn(shape, requires_grad=True)
+    x = torch.randn(shape, requires_grad=grad)
     f = torch.randn(shape[1:])
     xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    y = dct_pool(xin, f)
+    with torch.set_grad_enabled(grad):
+        y = dct_pool(xin, f)
     assert y.shape == (shape[0], shape[1], 1, 1)
-    ref = (x.double() * f.double()).sum((2, 3), keepdim=True)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    y.square().sum().backward()
-    torch.testing.assert_close(x.grad.double(), 2 * ref * f.double(), rtol=1e-5, atol=1e-5)
+    ref = (x.detach().double() * f.double()).sum((2, 3), keepdim=True)
+    torch.testing.assert_close(y.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        y.square().sum().backward()
+        torch.testing.assert_close(x.grad.double(), 2 * ref * f.double(), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_fca_dct_pool_takes_the_bmm_from_its_batch_on(monkeypatch):
+    from attnbench.modules import fca
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(fca.torch, "bmm", lambda *a: calls.append(a[0].shape) or real(*a))
+    f = torch.randn(8, 5, 5)
+    with torch.no_grad():
+        for n in (1, fca.BMM_MIN_BATCH - 1, fca.BMM_MIN_BATCH):
+            fca.dct_pool(torch.randn(n, 8, 5, 5), f)
+    fca.dct_pool(torch.randn(fca.BMM_MIN_BATCH, 8, 5, 5), f)  # under autograd: no bmm
+    assert calls == [(8, fca.BMM_MIN_BATCH, 25)]
 
 
 def test_fca_dct_pool_is_the_authors_expression_under_a_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
     from attnbench.modules.fca import dct_pool
-    x, f = torch.randn(2, 16, 7, 7), torch.randn(16, 7, 7)
-    with FlopCounterMode(display=False) as counter:
+    x, f = torch.randn(8, 16, 7, 7), torch.randn(16, 7, 7)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         dct_pool(x, f)
     assert counter.get_total_flops() == 0  # mul + sum: no matmul for the stock counter
     with FlopCounterMode(display=False) as counter:
         torch.bmm(x.flatten(2).transpose(0, 1), f.reshape(16, -1, 1))
-    assert counter.get_total_flops() == 2 * 2 * 16 * 49  # what the fast path would count
+    assert counter.get_total_flops() == 2 * 8 * 16 * 49  # what the fast path would count
 
 
 def test_a_plugin_product_gate_from_the_public_api_is_fused():
