@@ -223,3 +223,44 @@ def test_a_plugin_product_gate_from_the_public_api_is_fused():
     assert Halving.calls == 1
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(g(torch.ones(1, 4, 2, 2)), torch.full((1, 4, 2, 2), 0.5))
+
+
+def _cbam_amax_reference(g, x):
+    """CBAM with ``amax`` for both max poolings (timm's ops), in the module's own dtype."""
+    n = x.shape[0]
+    both = g.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)]))
+    x = x * torch.sigmoid(both[:n] + both[n:])
+    pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+    return x * torch.sigmoid(g.spatial(pooled))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cbam_argmax_pooling_under_autograd_equals_amax_in_float64(train):
+    torch.manual_seed(4)
+    g = CBAMGate(32, 4).double().train(train)
+    ref_g = CBAMGate(32, 4).double().train(train)
+    ref_g.load_state_dict(g.state_dict())
+    x = torch.randn(3, 32, 6, 5, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    out, ref = g(x), _cbam_amax_reference(ref_g, xr)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    for (k, p), q in zip(g.named_parameters(), ref_g.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=k)
+    with torch.no_grad():  # without autograd: amax, the same values
+        torch.testing.assert_close(g.eval()(x), ref_g.eval()(xr), rtol=0, atol=0)
+
+
+def test_cbam_gradient_goes_to_one_of_tied_maxima_under_autograd():
+    g = CBAMGate(16, 4).double()
+    torch.manual_seed(5)
+    x = torch.ones(1, 16, 2, 2, dtype=torch.float64, requires_grad=True)  # all tied
+    g(x).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    _cbam_amax_reference(g, xr).sum().backward()
+    # the same total gradient reaches the map; amax spreads it over the ties
+    torch.testing.assert_close(x.grad.sum(), xr.grad.sum(), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(x.grad, xr.grad)
