@@ -9,8 +9,9 @@ Both max poolings are ``amax`` without autograd; under it they are the authors' 
 ``F.max_pool2d`` over the whole map and ``torch.max(x, 1)``, whose gradient goes to one
 maximum (``amax``'s is split over tied maxima, the same on untied maps): their backward
 scatters to the stored indices where ``amax``'s recomputes masks over the whole map
-(ResNet-50 batch 8, a training step, CPU 2 threads, 16 interleaved rounds, 2026-12-04:
-0.777 [0.760, 0.787] of the plain network's speed against 0.708 [0.679, 0.713]). Where a
+(ResNet-50, a batch-8 training step, CPU 2 threads, ``attnbench efficiency``, 20-30 rounds in
+4-6 blocks, 2026-12-04: 0.772 [0.762, 0.783] of the plain network's speed, against 0.684
+[0.681, 0.688] for timm's ``amax`` layer in the same rounds and 0.669 before). Where a
 FLOP counter watches (:func:`~attnbench.modules.common.watched`) it is ``amax`` in both.
 With these choices CBAM-ResNet-50 has 28,073,576 parameters, the count REFERENCE.md
 measured on the reference implementation.
