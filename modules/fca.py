@@ -85,11 +85,12 @@ def dct_pool(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     Without autograd, from :data:`BMM_MIN_BATCH` samples on, one matrix-vector product per
     channel (``bmm``): a single read of ``x``, without the authors' ``(x * filters)``
     temporary of the map's size. Otherwise the authors' ``(x * filters).sum((2, 3))``:
-    under autograd (the ``bmm``'s gradient comes out channel-major and is copied back; it
-    measured no faster in training), below that batch (the ``bmm`` costs about the same
-    per channel whatever the batch), and where a FLOP counter watches (:func:`watched`),
-    so each counter counts what it counts on their code (stock fvcore: nothing for the
-    sum; the suite's rule: the same C*H*W multiply-adds as the ``bmm``)."""
+    under autograd (in a batch-8 training step of FCA-ResNet-50 the ``bmm`` gave 0.897 of
+    the plain network's speed against 0.894, one run each), below that batch (the ``bmm``
+    costs about the same per channel whatever the batch), and where a FLOP counter
+    watches (:func:`watched`), so each counter counts what it counts on their code (stock
+    fvcore: nothing for the sum; the suite's rule: the same C*H*W multiply-adds as the
+    ``bmm``)."""
     n, c = x.shape[:2]
     if n < BMM_MIN_BATCH or torch.is_grad_enabled() or watched():
         return (x * filters).sum((2, 3), keepdim=True)
