@@ -306,10 +306,12 @@ def test_interleaved_adaptive_rounds_stop_at_the_target_or_the_cap():
     res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=1, resolution=32,
                                  warmup=1, rounds=6, threads=1, ci_target=1e-9, max_rounds=9)
     assert res.stop == "max rounds" and len(res.orders) == 9
+    # a target any 6 rounds meet: with +-90 % a single stalled round (the other xdist worker
+    # busy) once widened the 6-round order-statistic interval past it (CI, 2026-12-04)
     res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=1, resolution=32,
-                                 warmup=1, rounds=6, threads=1, ci_target=0.9, max_rounds=50)
+                                 warmup=1, rounds=6, threads=1, ci_target=1e3, max_rounds=50)
     assert res.stop == "target reached" and len(res.orders) == 6
-    assert res.ratios["copy"].interval.half_width <= 0.9
+    assert res.ratios["copy"].interval.half_width <= 1e3
     res = speed.time_interleaved({"none": a, "copy": b}, "eval", batch=1, resolution=32,
                                  warmup=0, rounds=6, threads=1, ci_target=1e-9, budget_s=0.0)
     assert res.stop == "time budget" and len(res.orders) == 6
